@@ -1,0 +1,127 @@
+"""Data, loss, train/test loops and file names shared by the two STBP scripts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from cbp import data as cbp_data
+from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, progress
+from torch.utils.data import DataLoader
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)  # used for CIFAR-100 too, as in the reference
+NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
+DRIVE = "the authors' Google Drive folder linked from the CBP-QSNN README"
+
+
+def add_common_args(p: argparse.ArgumentParser, lr: float) -> None:
+    """Flags shared by main_train_fp32.py and main_quantize_cbp.py (reference names/defaults)."""
+    p.add_argument("--gpu", type=str, default="0", help="CUDA device index (ignored on CPU)")
+    p.add_argument("--dataset", type=str, default="CIFAR10", choices=sorted(NUM_CLASSES))
+    p.add_argument("--mode", type=str, default="train", choices=["train", "eval"])
+    p.add_argument("--decay", type=float, default=0.25)
+    p.add_argument("--thresh", type=float, default=0.5)
+    p.add_argument("--lens", type=positive_float, default=0.5)
+    p.add_argument("--T", type=positive_int, default=8)
+    p.add_argument("--num_workers", type=nonneg_int, default=0)
+    p.add_argument("--batch_size", type=positive_int, default=50)
+    p.add_argument("--num_epochs", type=nonneg_int, default=100)
+    p.add_argument("--opt", type=str, default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--learning_rate", type=positive_float, default=lr)
+    # additions
+    p.add_argument("--device", type=str, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--data_path", type=str, default="./datasets")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--width", type=positive_float, default=1.0,
+                   help="channel-width multiplier (1.0 = the paper's network)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume training from a checkpoint (default: this run's _last.pth)")
+    p.add_argument("--logdir", type=str, default=None,
+                   help="tensorboard folder (default ./runs/<run name>; '' disables)")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def loaders(args) -> tuple[DataLoader, DataLoader, int]:
+    """(train loader, test loader, number of classes)."""
+    if args.dataset == "DIGITS":
+        train_ds, test_ds = cbp_data.digits(True), cbp_data.digits(False)
+    else:
+        import torchvision.transforms as T
+
+        norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
+        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.ToTensor(), norm])
+        train_ds = cbp_data.cifar(args.dataset, args.data_path, True, train_tf, args.download)
+        test_ds = cbp_data.cifar(args.dataset, args.data_path, False, test_tf, args.download)
+    train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+    test_dl = DataLoader(test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    return train_dl, test_dl, NUM_CLASSES[args.dataset]
+
+
+def mse_onehot(output: torch.Tensor, labels: torch.Tensor, outs: int) -> torch.Tensor:
+    """MSE between the output spike rate and the one-hot label (the reference's loss)."""
+    return F.mse_loss(output, F.one_hot(labels, outs).to(output.dtype))
+
+
+@torch.no_grad()
+def test(model, loader, device, outs: int, show: bool = True) -> tuple[float, float]:
+    """(test loss, accuracy %) with the reference's definitions."""
+    model.eval()
+    loss, correct, total = 0.0, 0, 0
+    for images, labels in progress(loader, "test", enabled=show):
+        images, labels = images.to(device), labels.to(device)
+        out = model(images)
+        loss += mse_onehot(out, labels, outs).item() / len(loader)
+        correct += (out.argmax(1) == labels).sum().item()
+        total += labels.numel()
+    model.train()
+    return loss, 100.0 * correct / max(total, 1)
+
+
+def pretrained_path(dataset: str) -> str:
+    return f"./trained_params/STBP_{dataset}_fp32_pretrained.pth"
+
+
+def prequantized_path(dataset: str, quant: str) -> str:
+    return f"./trained_params/STBP_{dataset}_{quant}_cbp_prequantized.pth"
+
+
+def fp32_command(args) -> str:
+    return (
+        f"python main_train_fp32.py --dataset {args.dataset} --mode train --decay {args.decay} "
+        f"--thresh {args.thresh} --lens {args.lens} --T {args.T}"
+        + (f" --width {args.width}" if args.width != 1.0 else "")
+    )
+
+
+def require_file(path: str, what: str, hint: str) -> None:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found: {hint}")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_progress(path: str, rows: list[list[float]]) -> None:
+    """Tab-separated, no header/index, every value a float (reference format)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write("\t".join(str(float(v)) for v in row) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,37 @@
+"""LIF neuron update with a boxcar surrogate gradient (STBP)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ActFun(torch.autograd.Function):
+    """Heaviside spike (u > thresh) forward; boxcar 1/(2 lens) on |u - thresh| < lens backward."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, thresh: float, lens: float) -> Tensor:
+        ctx.save_for_backward(input)
+        ctx.thresh, ctx.lens = thresh, lens
+        return input.gt(thresh).to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (input,) = ctx.saved_tensors
+        window = (input - ctx.thresh).abs_().lt_(ctx.lens)
+        return grad_output * window.to(grad_output.dtype) / (2 * ctx.lens), None, None
+
+
+act_fun = ActFun.apply
+
+
+def mem_update(decay: float, thresh: float, lens: float, ops, x, mem, spike):
+    """One LIF step: u = decay * u_prev * (1 - s_prev) + ops(x); s = H(u - thresh).
+
+    ``ops`` is a layer (called on ``x``) or an already computed input current.
+    ``mem``/``spike`` may be the float 0.0 at the first step.
+    """
+    current = ops(x) if callable(ops) else ops
+    mem = mem * decay * (1.0 - spike) + current
+    spike = act_fun(mem, thresh, lens)
+    return mem, spike

@@ -1,0 +1,162 @@
+"""Quantize the pretrained STBP network with constrained backpropagation (CBP).
+
+Examples (working directory = CBP-QSNN-STBP/):
+    python main_quantize_cbp.py --dataset CIFAR10 --mode train --decay 0.25 --thresh 0.5 --lens 0.5 --T 8 --quant bin
+    python main_quantize_cbp.py --dataset CIFAR10 --mode eval --decay 0.25 --thresh 0.5 --lens 0.5 --T 8 --quant ter
+    python main_quantize_cbp.py --dataset CIFAR100 --mode train --decay 0.8 --thresh 0.5 --lens 0.5 --T 8 --quant bin
+
+Reads ./trained_params/STBP_<dataset>_fp32_pretrained.pth; writes ./checkpoint/<dataset>_cbp_<q>[_best].pth,
+./progress/<dataset>_cbp_<q>_progress.txt (epoch, lagsum_pre, test acc %, CFS), the best weights as a
+plain state dict in ./trained_params/STBP_<dataset>_<q>_cbp_prequantized.pth (what --mode eval reads)
+and the packed low-bit export ./checkpoint/<dataset>_cbp_<q>_packed.pth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import engine
+import torch
+from cbp import CBP, MODES, clip_gradients, param_groups
+from cbp import cfs as model_cfs
+from cbp.checkpoint import extract_state_dict, load_file, load_into, save_atomic
+from cbp.export import pack_model, save_packed, weight_memory_mbit
+from cbp.runtime import Scalars, UserError, gpu_to_device, progress, run_main, seed_everything
+from q_model import Q_Conv_SNN
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pre-train")
+    engine.add_common_args(p, lr=5e-3)
+    p.add_argument("--quant", type=str, default="bin", choices=list(MODES))
+    p.add_argument("--learning_rate_lambda", type=engine.positive_float, default=5e-4)
+    p.add_argument("--period", type=engine.positive_int, default=20,
+                   help="epochs without a lambda update before one is forced")
+    p.add_argument("--init_from", type=str, default=None,
+                   help="fp32 weights to start from (default ./trained_params/STBP_<dataset>_fp32_pretrained.pth)")
+    return p.parse_args(argv)
+
+
+def build_optimizer(model, args) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    spec = [{"params": groups[k], "lr": args.learning_rate} for k in ("qweight", "nqweight", "otherparam")]
+    if args.opt == "adam":
+        return torch.optim.Adam(spec)
+    return torch.optim.SGD(spec, momentum=0.9)
+
+
+def evaluate(args, model, test_dl, device, outs) -> None:
+    path = engine.prequantized_path(args.dataset, args.quant)
+    cmd = (f"python main_quantize_cbp.py --dataset {args.dataset} --mode train --decay {args.decay} "
+           f"--thresh {args.thresh} --lens {args.lens} --T {args.T} --quant {args.quant}")
+    engine.require_file(path, "prequantized checkpoint",
+                        f"download it from {engine.DRIVE} or produce it with: {cmd}")
+    load_into(model, path)
+    _, acc = engine.test(model, test_dl, device, outs, not args.no_progress)
+    print(f"Test Accuracy: {acc:.3f}")
+    print(f"CFS: {model_cfs(model):.6g}  weight memory: {weight_memory_mbit(model):.4f} Mbit")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    print(args)
+    device = gpu_to_device(args.gpu, args.device)
+    seed_everything(args.seed)
+    train_dl, test_dl, outs = engine.loaders(args)
+    model = Q_Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T,
+                       mode=args.quant, width=args.width).to(device)
+    show = not args.no_progress
+    if args.mode == "eval":
+        evaluate(args, model, test_dl, device, outs)
+        return
+
+    name = f"{args.dataset}_cbp_{args.quant}"
+    out_dir, progress_dir = "./checkpoint", "./progress"
+    last_path = f"{out_dir}/{name}_last.pth"
+    fp32 = args.init_from or engine.pretrained_path(args.dataset)
+    engine.require_file(fp32, "pretrained fp32 checkpoint",
+                        f"download it from {engine.DRIVE} or create it with: {engine.fp32_command(args)}")
+    load_into(model, fp32, allow_missing=(".scale",))
+
+    optimizer = build_optimizer(model, args)
+    cbp = CBP(model, args.learning_rate_lambda, period_max=args.period)  # scales := mean|W_fp32|
+    rows = [[0.0, 0.0, 0.0, 0.0]]
+    best_acc, best_epoch, start_epoch = 0.0, 0, 0
+    if args.resume:
+        path = last_path if args.resume == "auto" else args.resume
+        if not os.path.isfile(path):
+            raise UserError(f"cannot resume: {path} not found")
+        state = load_file(path)
+        load_into(model, extract_state_dict(state))
+        optimizer.load_state_dict(state["optimizer1"])
+        cbp.load_state_dict(state["cbp"])
+        rows = state["progress"].tolist()
+        best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
+        start_epoch = int(state["epoch"]) + 1
+        engine.set_rng_state(state["rng"])
+        print(f"resumed from {path} at epoch {start_epoch}")
+    else:
+        cbp.start()  # initial lambda update with ucs = 0
+
+    pre_path = engine.prequantized_path(args.dataset, args.quant)
+    if not args.resume and os.path.isfile(pre_path) and args.num_epochs > 0:
+        os.replace(pre_path, pre_path + ".bak")
+        print(f"existing {pre_path} moved to {pre_path}.bak")
+
+    tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
+    for epoch in range(start_epoch, args.num_epochs):
+        model.train()
+        loss_train = 0.0
+        for images, labels in progress(train_dl, f"epoch {epoch + 1}", enabled=show):
+            model.zero_grad()
+            optimizer.zero_grad()
+            images, labels = images.to(device), labels.to(device)
+            loss = engine.mse_onehot(model(images), labels, outs)
+            lag = loss + cbp.penalty()
+            cbp.accumulate(lag)
+            loss_train += loss.item() / len(train_dl)
+            lag.backward()
+            clip_gradients(model.parameters(), 1.0)
+            optimizer.step()
+            cbp.clamp_()
+        lagsum_pre = cbp.lagsum_pre
+        decision = cbp.end_epoch(optimizer)
+        print(f"Epoch {epoch + 1}/{args.num_epochs} ... lagsum, lagsum_pre = {decision.lagsum},{lagsum_pre}")
+        if decision.updated:
+            print(f"Lambda update start at {epoch} epoch")
+        _, acc = engine.test(model, test_dl, device, outs, show)
+        cfs = cbp.cfs()
+        print(f"Epoch {epoch + 1}/{args.num_epochs} ... test_acc, cfs = {acc}, {cfs}")
+        rows.append([epoch, cbp.lagsum_pre, acc, cfs])
+        engine.write_progress(f"{progress_dir}/{name}_progress.txt", rows)
+        for tag, value in (("loss/train", loss_train), ("lagsum", decision.lagsum),
+                           ("accuracy/test", acc), ("cfs", cfs), ("g", cbp.g), ("ucs", cbp.ucs),
+                           ("lambda/mean", cbp.lambda_mean())):
+            tb.add(tag, value, epoch)
+        state = {
+            "epoch": epoch,
+            "net": model.state_dict(),
+            "optimizer1": optimizer.state_dict(),
+            "optimizer2": cbp.optimizer.state_dict(),
+            "lamb": [lam.detach() for lam in cbp.lambdas],
+            "period": cbp.period,
+            "ucs": cbp.ucs,
+            "g": cbp.g,
+            "progress": torch.tensor(rows, dtype=torch.float64),
+        }
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            save_atomic(state, f"{out_dir}/{name}_best.pth")
+            save_atomic(model.state_dict(), pre_path)
+            save_packed(pack_model(model), f"{out_dir}/{name}_packed.pth")
+        else:
+            save_atomic(state, f"{out_dir}/{name}.pth")
+        save_atomic({**state, "cbp": cbp.state_dict(), "best_acc": best_acc, "best_epoch": best_epoch,
+                     "rng": engine.rng_state()}, last_path)
+        print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
+    tb.close()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,237 @@
+"""Quantizer (straight-through) and the CBP constraint function Y(w).
+
+The constraint is piecewise linear in ``w``: slope -2 below the lowest level, +2 at and above
+the highest one, and inside each interval [q_i, q_{i+1}) slope +2 on [q_i, r_lo), 0 on the
+unconstrained window [r_lo, r_hi) and -2 on [r_hi, q_{i+1}), with
+r_lo = q_i + ucs (m_i - q_i) and r_hi = q_{i+1} + ucs (m_i - q_{i+1}).  The backward pass uses
+exactly these half-open intervals (a right derivative), and the edges are computed in the
+weight's floating-point type the same way the reference does, so gradients match it bit for bit.
+
+All kernels are single vectorized passes: on CPU the weight is streamed in cache-sized chunks,
+on CUDA each op runs over the whole tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .levels import LevelSet
+
+_CHUNK = 1 << 18
+
+
+def _scalar(x: Tensor | float) -> float:
+    return float(x.detach().reshape(-1)[0]) if isinstance(x, Tensor) else float(x)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(mode: str, scale: float, ucs: float, dtype: torch.dtype) -> tuple:
+    """Edges of the piecewise-linear constraint, computed in ``dtype`` like the reference."""
+    if not 0.0 <= ucs <= 1.0:
+        raise ValueError(f"ucs must lie in [0, 1], got {ucs}")
+    ls = LevelSet.of(mode)
+    s = torch.tensor([scale], dtype=dtype)
+    q = [(lv * s) for lv in ls.levels]
+    slope_edges = [(float(v), 4.0) for v in q]  # slope jumps -2 -> +2 at every level
+    nearest = []  # (midpoint, gap): nearest level = q_0 + sum gap * [w >= mid]
+    window_start = []  # r_lo points whose forward value is kept (reference keeps Y == d*ucs)
+    # Slope of each region between consecutive sorted edges, as the reference evaluates it:
+    # (hi - lo) / (mid - lo) and (hi - lo) / (mid - hi) in ``dtype`` (exactly +-2 unless a
+    # shift-mode midpoint times the scale rounds).
+    table = [-2.0]
+    for i in range(len(ls.gaps)):
+        lo, hi = q[i], q[i + 1]
+        mid = ls.mids[i] * s
+        r_lo = lo + (mid - lo) * ucs
+        r_hi = hi + (mid - hi) * ucs
+        slope_edges += [(float(r_lo), -2.0), (float(r_hi), -2.0)]
+        nearest.append((float(mid), float(hi - lo)))
+        if float(r_lo) < float(r_hi) and float(r_lo) > float(lo):
+            window_start.append(float(r_lo))
+        table += [float((hi - lo) / (mid - lo)), 0.0, float((hi - lo) / (mid - hi))]
+    table.append(2.0)
+    # sorted edge order: q0, (r_lo0, r_hi0, q1), (r_lo1, r_hi1, q2), ...
+    order = [slope_edges[0][0]]
+    for i in range(len(ls.gaps)):
+        order += [slope_edges[len(q) + 2 * i][0], slope_edges[len(q) + 2 * i + 1][0], float(q[i + 1])]
+    exact = all(abs(v) in (0.0, 2.0) for v in table)
+    lookup = None if exact else (tuple(order), tuple(table))
+    return float(q[0]), tuple(slope_edges), tuple(nearest), tuple(window_start), lookup
+
+
+def _chunks(n: int, device: torch.device) -> range:
+    step = n if device.type != "cpu" or n <= _CHUNK else _CHUNK
+    return range(0, n, max(step, 1))
+
+
+def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor) -> None:
+    """Fill ``slope`` (right derivative) and, if given, ``y`` = Y(w) for one flat chunk."""
+    q0, slope_edges, nearest, window_start, lookup = plan
+    slope.fill_(-2.0)
+    for v, jump in slope_edges:
+        torch.ge(w, v, out=mask)
+        slope.add_(mask, alpha=jump)
+    if y is not None:
+        y.fill_(q0)
+        for mid, gap in nearest:
+            torch.ge(w, mid, out=mask)
+            y.add_(mask, alpha=gap)
+        y.sub_(w).abs_()
+        mag = slope.abs()
+        for r in window_start:
+            torch.eq(w, r, out=mask)
+            mag.add_(mask, alpha=2.0)
+        y.mul_(mag)
+    if lookup is not None:  # rounded reference slopes: region index -> slope value
+        edges, table = lookup
+        region = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+        for v in edges:
+            region += torch.ge(w, v)
+        slope.copy_(torch.tensor(table, dtype=slope.dtype, device=slope.device)[region])
+
+
+def _evaluate(
+    w: Tensor,
+    lam: Tensor | None,
+    mode: str,
+    scale: float,
+    ucs: float,
+    want_y: bool,
+    want_grad: bool,
+    want_sum: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Return (Y, dY/dw * lam-or-1, sum(lam * Y)) for a weight tensor; each only if wanted."""
+    plan = _plan(mode, scale, ucs, w.dtype)
+    wf = w.detach().reshape(-1)
+    lf = lam.detach().reshape(-1) if lam is not None else None
+    n = wf.numel()
+    y_out = torch.empty_like(wf) if want_y else None
+    g_out = torch.empty_like(wf) if want_grad else None
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    step = _chunks(n, w.device).step
+    size = min(step, n)
+    slope = torch.empty(size, dtype=w.dtype, device=w.device)
+    ybuf = torch.empty(size, dtype=w.dtype, device=w.device) if (want_y or want_sum) else None
+    mask = torch.empty(size, dtype=torch.bool, device=w.device)
+    for i in range(0, n, max(step, 1)):
+        wc = wf[i : i + step]
+        k = wc.numel()
+        yc = ybuf[:k] if ybuf is not None else None
+        sc = slope[:k]
+        _piece(wc, plan, yc, sc, mask[:k])
+        lc = lf[i : i + k] if lf is not None else None
+        if want_y:
+            y_out[i : i + k].copy_(yc)
+        if want_sum:
+            total += torch.dot(lc, yc) if lc is not None else yc.sum(dtype=torch.float64)
+        if want_grad:
+            if lc is not None:
+                torch.mul(sc, lc, out=g_out[i : i + k])
+            else:
+                g_out[i : i + k].copy_(sc)
+    shape = w.shape
+    return (
+        y_out.view(shape) if y_out is not None else None,
+        g_out.view(shape) if g_out is not None else None,
+        total if want_sum else None,
+    )
+
+
+class _Constraint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, mode: str, scale: float, ucs: float) -> Tensor:
+        y, slope, _ = _evaluate(
+            weight, None, mode, scale, ucs, True, ctx.needs_input_grad[0], False
+        )
+        ctx.save_for_backward(slope)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None
+
+
+class _Lagrangian(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, lam: Tensor, mode: str, scale: float, ucs: float) -> Tensor:
+        need_w, need_l = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        y, g, total = _evaluate(weight, lam, mode, scale, ucs, need_l, need_w, True)
+        ctx.save_for_backward(g, y)
+        return total.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g, y = ctx.saved_tensors
+        gw = g * grad if ctx.needs_input_grad[0] else None
+        gl = y * grad if ctx.needs_input_grad[1] else None
+        return gw, gl, None, None, None
+
+
+def constraint(weight: Tensor, scale: Tensor | float, mode: str, ucs: float) -> Tensor:
+    """Elementwise constraint Y(w; ucs) for levels ``levels(mode) * scale``.
+
+    Differentiable in ``weight`` with the reference's piecewise gradient; no gradient to
+    ``scale``.  ``ucs`` in [0, 1] sets the unconstrained window (0: only the range is enforced).
+    """
+    return _Constraint.apply(weight, mode, _scalar(scale), float(ucs))
+
+
+def lagrangian(
+    weight: Tensor, lam: Tensor, scale: Tensor | float, mode: str, ucs: float
+) -> Tensor:
+    """Scalar sum(lam * Y(weight; ucs)) computed in one fused pass.
+
+    Gradient to ``weight`` is lam * Y'(w) and to ``lam`` is Y(w) (each only when required).
+    """
+    return _Lagrangian.apply(weight, lam, mode, _scalar(scale), float(ucs))
+
+
+def constraint_sum(weight: Tensor, scale: Tensor | float, mode: str, ucs: float = 1.0) -> float:
+    """sum(Y(weight; ucs)) as a Python float (used for CFS); no autograd."""
+    with torch.no_grad():
+        _, _, total = _evaluate(weight, None, mode, _scalar(scale), float(ucs), False, False, True)
+    return float(total)
+
+
+class _Quantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, scale: Tensor, mode: str) -> Tensor:
+        ls = LevelSet.of(mode)
+        w = weight.detach()
+        s = scale.detach().to(w.dtype)
+        if mode == "bin":
+            return torch.sign(w).mul_(s)
+        out = torch.full_like(w, ls.levels[0])
+        for mid, gap in zip(ls.mids, ls.gaps):
+            out.add_(torch.sub(w, mid * s).sign_().add_(1.0), alpha=gap / 2)
+        return out.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
+def quantize(weight: Tensor, scale: Tensor | float, mode: str) -> Tensor:
+    """Quantize to the nearest level of ``levels(mode) * scale`` (sign rule: a weight exactly
+    on a midpoint maps to that midpoint).  Straight-through backward: the gradient reaches
+    ``weight`` unchanged; ``scale`` gets none."""
+    LevelSet.of(mode)
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor([float(scale)], dtype=weight.dtype, device=weight.device)
+    return _Quantize.apply(weight, scale, mode)
+
+
+def quantize_codes(weight: Tensor, scale: Tensor | float, mode: str) -> Tensor:
+    """Index (uint8) of the level each weight quantizes to (midpoints round up)."""
+    ls = LevelSet.of(mode)
+    s = _scalar(scale)
+    w = weight.detach()
+    codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
+    sv = torch.tensor([s], dtype=w.dtype)
+    for mid in ls.mids:
+        codes += (w >= float(mid * sv)).to(torch.uint8)
+    return codes

@@ -1,0 +1,130 @@
+"""Command-line plumbing shared by the pipeline scripts: devices, seeds, clean errors,
+progress bars and optional tensorboard logging."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class UserError(RuntimeError):
+    """An error the user can fix (missing data, missing checkpoint, bad option): printed as
+    one line, no traceback."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` to stderr and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run ``main()``; user-fixable errors become one line on stderr and exit status 1."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetMissing
+
+    try:
+        main()
+    except (UserError, CheckpointError, DatasetMissing) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """``None``/``"auto"``: cuda if available else cpu; otherwise the named device, checked."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"invalid device {name!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name} requested but CUDA is not available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {name} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+def gpu_to_device(gpu: str | None, device: str | None) -> torch.device:
+    """Honour the reference's ``--gpu N`` (a CUDA index) unless ``--device`` is given."""
+    if device not in (None, "", "auto"):
+        return select_device(device)
+    if torch.cuda.is_available() and gpu not in (None, ""):
+        try:
+            idx = int(str(gpu).split(",")[0])
+        except ValueError:
+            raise UserError(f"--gpu expects a device index, got {gpu!r}") from None
+        return select_device(f"cuda:{idx}")
+    return select_device(None)
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed python, numpy and torch (no-op for None)."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def progress(iterable: Iterable, desc: str = "", total: int | None = None, enabled: bool = True):
+    """A tqdm bar on stderr when tqdm is installed and enabled (no-op otherwise)."""
+    if not enabled or os.environ.get("CBP_NO_PROGRESS"):
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class Scalars:
+    """Tensorboard scalar logger that silently does nothing if disabled or unavailable."""
+
+    def __init__(self, logdir: str | None) -> None:
+        self._w = None
+        if logdir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._w = SummaryWriter(logdir)
+            except Exception:  # tensorboard not installed
+                self._w = None
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        if self._w is not None:
+            self._w.add_scalar(tag, float(value), step)
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
