@@ -7,9 +7,10 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
 from cbp import data as cbp_data
 from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, progress
-from torch.utils.data import DataLoader
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)  # used for CIFAR-100 too, as in the reference

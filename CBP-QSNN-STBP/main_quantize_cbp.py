@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 
-import engine
 import torch
+
 from cbp import CBP, MODES, clip_gradients, param_groups
 from cbp import cfs as model_cfs
 from cbp.checkpoint import extract_state_dict, load_file, load_into, save_atomic
 from cbp.export import pack_model, save_packed, weight_memory_mbit
 from cbp.runtime import Scalars, UserError, gpu_to_device, progress, run_main, seed_everything
+
+import engine
 from q_model import Q_Conv_SNN
 
 
@@ -49,7 +51,8 @@ def build_optimizer(model, args) -> torch.optim.Optimizer:
 def evaluate(args, model, test_dl, device, outs) -> None:
     path = engine.prequantized_path(args.dataset, args.quant)
     cmd = (f"python main_quantize_cbp.py --dataset {args.dataset} --mode train --decay {args.decay} "
-           f"--thresh {args.thresh} --lens {args.lens} --T {args.T} --quant {args.quant}")
+           f"--thresh {args.thresh} --lens {args.lens} --T {args.T} --quant {args.quant}"
+           + (f" --width {args.width}" if args.width != 1.0 else ""))
     engine.require_file(path, "prequantized checkpoint",
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
     load_into(model, path)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import engine
 import torch
+
 from cbp.checkpoint import extract_state_dict, load_file, load_into, save_atomic
 from cbp.runtime import Scalars, UserError, gpu_to_device, progress, run_main, seed_everything
+
+import engine
 from model import Conv_SNN, scale_init
 
 

@@ -4,8 +4,9 @@ state-dict keys are conv1, pool1, conv2, pool2, conv3, conv4, pool3, fc1, fc2, f
 from __future__ import annotations
 
 import torch
-from functions import mem_update
 from torch import Tensor, nn
+
+from functions import mem_update
 
 # (attribute, out_channels at width 1, stride) of the convolutional stack
 CONV_SPEC = (

@@ -3,9 +3,10 @@ stay fp32), so state-dict keys equal ``Conv_SNN``'s plus ``<layer>.scale``."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from model import Conv_SNN
 from q_module import QConv2d, QLinear
-from torch import nn
 
 
 class Q_Conv_SNN(Conv_SNN):  # noqa: N801 - reference name

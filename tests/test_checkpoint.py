@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import cbp
 import pytest
 import torch
-from cbp import checkpoint as ck
 from torch import nn
+
+import cbp
+from cbp import checkpoint as ck
 
 
 def small_model():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import cbp
 import pytest
 import torch
-from cbp import baseline
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import cbp
+from cbp import baseline
 
 MODES = ["bin", "ter", "1bit", "2bit"]
 S = 0.5  # dyadic: levels, midpoints and (for ucs in {0, 1/2, 1}) window edges are exact

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 
-import cbp
 import pytest
 import torch
 import torch.nn.functional as F
-from cbp.controller import LAGSUM_INIT
 from torch import nn
+
+import cbp
+from cbp.controller import LAGSUM_INIT
 
 LR = 0.1
 LR_LAMBDA = 1e-2

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-import cbp
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import cbp
 
 WORLD = 2
 EPOCHS = 6

@@ -1,9 +1,11 @@
 import math
 import os
 
-import cbp
 import pytest
 import torch
+from torch import nn
+
+import cbp
 from cbp.export import (
     load_packed,
     pack_model,
@@ -13,7 +15,6 @@ from cbp.export import (
     unpack_state_dict,
     weight_memory_mbit,
 )
-from torch import nn
 
 
 def small_model(mode: str, seed: int) -> nn.Sequential:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
-import cbp
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
+import cbp
 
 S = 0.5  # dyadic scale: every level, midpoint and hand value below is exact in float32
 

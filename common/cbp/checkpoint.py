@@ -43,12 +43,15 @@ def load_file(path: str, map_location: Any = "cpu", trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # unpickling refused or corrupt file
-        if not trust and "weights_only" in str(exc):
+        text = str(exc)
+        if not trust and "Unsupported global" in text:
             raise CheckpointError(
-                f"{path} contains pickled Python objects; load it only if you trust it "
-                "(pass --trust-checkpoint / trust=True)"
+                f"{path} contains pickled Python objects besides tensors; it is loaded only "
+                "when you trust its source (trust=True)"
             ) from None
-        raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"cannot read {path}: not a PyTorch checkpoint or the file is damaged"
+        ) from None
 
 
 def extract_state_dict(obj: Any, strip_prefix: str = "module.") -> dict[str, torch.Tensor]:
