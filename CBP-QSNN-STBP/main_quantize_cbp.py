@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         engine.write_progress(f"{progress_dir}/{name}_progress.txt", rows)
         for tag, value in (("loss/train", loss_train), ("lagsum", decision.lagsum),
                            ("accuracy/test", acc), ("cfs", cfs), ("g", cbp.g), ("ucs", cbp.ucs),
-                           ("lambda/mean", cbp.lambda_mean())):
+                           ("lambda/mean", cbp.lambda_mean()), ("lr", optimizer.param_groups[0]["lr"])):
             tb.add(tag, value, epoch)
         state = {
             "epoch": epoch,
