@@ -105,6 +105,27 @@ def require_file(path: str, what: str, hint: str) -> None:
         raise UserError(f"{what} {path} not found: {hint}")
 
 
+def load_resume(resume: str, last_path: str, model) -> dict:
+    """Load a ``_last.pth`` training state into ``model``, restore the RNG, return the dict."""
+    from cbp.checkpoint import extract_state_dict, load_file, load_into
+
+    path = last_path if resume == "auto" else resume
+    if not os.path.isfile(path):
+        raise UserError(f"cannot resume: {path} not found")
+    state = load_file(path)
+    load_into(model, extract_state_dict(state))
+    set_rng_state(state["rng"])
+    print(f"resumed from {path} at epoch {int(state['epoch']) + 1}")
+    return state
+
+
+def keep_backup(path: str) -> None:
+    """Move an existing file to ``<path>.bak`` before a new run replaces it."""
+    if os.path.isfile(path):
+        os.replace(path, path + ".bak")
+        print(f"existing {path} moved to {path}.bak")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -14,15 +14,14 @@ and the packed low-bit export ./checkpoint/<dataset>_cbp_<q>_packed.pth.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from cbp import CBP, MODES, clip_gradients, param_groups
 from cbp import cfs as model_cfs
-from cbp.checkpoint import extract_state_dict, load_file, load_into, save_atomic
+from cbp.checkpoint import load_into, save_atomic
 from cbp.export import pack_model, save_packed, weight_memory_mbit
-from cbp.runtime import Scalars, UserError, gpu_to_device, progress, run_main, seed_everything
+from cbp.runtime import Scalars, gpu_to_device, progress, run_main, seed_everything
 
 import engine
 from q_model import Q_Conv_SNN
@@ -87,25 +86,18 @@ def main(argv=None) -> None:
     rows = [[0.0, 0.0, 0.0, 0.0]]
     best_acc, best_epoch, start_epoch = 0.0, 0, 0
     if args.resume:
-        path = last_path if args.resume == "auto" else args.resume
-        if not os.path.isfile(path):
-            raise UserError(f"cannot resume: {path} not found")
-        state = load_file(path)
-        load_into(model, extract_state_dict(state))
+        state = engine.load_resume(args.resume, last_path, model)
         optimizer.load_state_dict(state["optimizer1"])
         cbp.load_state_dict(state["cbp"])
         rows = state["progress"].tolist()
         best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         start_epoch = int(state["epoch"]) + 1
-        engine.set_rng_state(state["rng"])
-        print(f"resumed from {path} at epoch {start_epoch}")
     else:
         cbp.start()  # initial lambda update with ucs = 0
 
     pre_path = engine.prequantized_path(args.dataset, args.quant)
-    if not args.resume and os.path.isfile(pre_path) and args.num_epochs > 0:
-        os.replace(pre_path, pre_path + ".bak")
-        print(f"existing {pre_path} moved to {pre_path}.bak")
+    if not args.resume and args.num_epochs > 0:
+        engine.keep_backup(pre_path)
 
     tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
     for epoch in range(start_epoch, args.num_epochs):

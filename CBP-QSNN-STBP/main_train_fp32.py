@@ -12,12 +12,11 @@ The best epoch's weights are also written as a plain state dict to
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from cbp.checkpoint import extract_state_dict, load_file, load_into, save_atomic
-from cbp.runtime import Scalars, UserError, gpu_to_device, progress, run_main, seed_everything
+from cbp.checkpoint import load_into, save_atomic
+from cbp.runtime import Scalars, gpu_to_device, progress, run_main, seed_everything
 
 import engine
 from model import Conv_SNN, scale_init
@@ -60,21 +59,14 @@ def main(argv=None) -> None:
     best_acc, start_epoch = 0.0, 0
     hist = {"loss_train_hist": [], "loss_test_hist": [], "test_acc_hist": []}
     if args.resume:
-        path = last_path if args.resume == "auto" else args.resume
-        if not os.path.isfile(path):
-            raise UserError(f"cannot resume: {path} not found")
-        state = load_file(path)
-        load_into(model, extract_state_dict(state))
+        state = engine.load_resume(args.resume, last_path, model)
         optimizer.load_state_dict(state["optimizer"])
         best_acc, start_epoch = float(state["best_acc"]), int(state["epoch"]) + 1
         hist = {k: list(state[k]) for k in hist}
-        engine.set_rng_state(state["rng"])
-        print(f"resumed from {path} at epoch {start_epoch}")
 
     pre_path = engine.pretrained_path(args.dataset)
-    if not args.resume and os.path.isfile(pre_path) and args.num_epochs > start_epoch:
-        os.replace(pre_path, pre_path + ".bak")
-        print(f"existing {pre_path} moved to {pre_path}.bak")
+    if not args.resume and args.num_epochs > start_epoch:
+        engine.keep_backup(pre_path)
 
     logdir = f"./runs/{args.dataset}_fp32" if args.logdir is None else args.logdir
     tb = Scalars(logdir)

@@ -66,56 +66,38 @@ class QuantMixin:
         return super().extra_repr() + f", mode={self.mode}"
 
 
-class QConv2d(QuantMixin, nn.Conv2d):
+class _QConvMixin(QuantMixin):
+    """Constructor and forward shared by the quantized convolutions."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        mode: str = "bin",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            **kwargs,
+        )
+        self._init_quant(mode)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.quantized_weight(), self.bias)
+
+
+class QConv2d(_QConvMixin, nn.Conv2d):
     """Conv2d with quantized weights (``mode`` in bin, ter, 1bit, 2bit)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = False,
-        mode: str = "bin",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            **kwargs,
-        )
-        self._init_quant(mode)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.quantized_weight(), self.bias)
-
-
-class QConv3d(QuantMixin, nn.Conv3d):
+class QConv3d(_QConvMixin, nn.Conv3d):
     """Conv3d with quantized weights (TSSL-BP uses (k, k, 1) kernels)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = False,
-        mode: str = "bin",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            **kwargs,
-        )
-        self._init_quant(mode)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.quantized_weight(), self.bias)
 
 
 class QLinear(QuantMixin, nn.Linear):
