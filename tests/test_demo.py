@@ -21,7 +21,7 @@ def test_demo_minimal(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
     assert lines[0].startswith("| weights | best test acc (%)")
-    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[1:]}
     assert set(rows) == {"fp32", "bin", "ter"}
     mbit = {k: float(v[3]) for k, v in rows.items()}
     # quantized layers cost 1 (bin) / 2 (ter) bits instead of 32

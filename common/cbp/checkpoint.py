@@ -32,16 +32,19 @@ def save_atomic(obj: Any, path: str) -> None:
         raise
 
 
-def load_file(path: str, map_location: Any = "cpu", trust: bool = False) -> Any:
+def load_file(
+    path: str, map_location: Any = "cpu", trust: bool = False, safe: tuple = ()
+) -> Any:
     """Load a checkpoint file.
 
-    Only tensors and plain containers are unpickled unless ``trust`` is True (the user opts in
-    to running arbitrary pickled code, e.g. for files that store an ``argparse.Namespace``).
+    Only tensors, plain containers and the classes in ``safe`` (e.g. ``argparse.Namespace``)
+    are unpickled unless ``trust`` is True (the user opts in to running arbitrary pickled code).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust)
+        with torch.serialization.safe_globals(list(safe)):
+            return torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # unpickling refused or corrupt file
         text = str(exc)
         if not trust and "Unsupported global" in text:

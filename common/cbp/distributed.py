@@ -38,16 +38,18 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(t, src=src)
 
 
-def init_from_env(backend: str | None = None) -> bool:
+def init_from_env(backend: str | None = None, device: torch.device | str | None = None) -> bool:
     """Initialise the default process group from torchrun / torch.distributed.launch variables.
 
-    Returns True when running distributed.  The local rank comes from ``LOCAL_RANK``.
+    Returns True when running distributed.  The backend defaults to NCCL for CUDA devices
+    (``device`` if given, else CUDA availability) and gloo otherwise.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
     if dist.is_initialized():
         return True
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        backend = "nccl" if on_cuda else "gloo"
     dist.init_process_group(backend=backend)
     return True

@@ -111,13 +111,13 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, enabl
 class Scalars:
     """Tensorboard scalar logger that silently does nothing if disabled or unavailable."""
 
-    def __init__(self, logdir: str | None) -> None:
+    def __init__(self, logdir: str | None, purge_step: int | None = None) -> None:
         self._w = None
         if logdir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._w = SummaryWriter(logdir)
+                self._w = SummaryWriter(logdir, purge_step=purge_step)
             except Exception:  # tensorboard not installed
                 self._w = None
 

@@ -1,0 +1,15 @@
+"""Quantized Wide-7B-Net for CIFAR10-DVS: every conv except the first (incl. the 64->128
+transition) is a ``cbp.QConv2d``."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sewcommon.dvsnets import CIFAR10DVS_LAYERS, ResNetN, scaled  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+def SEWResNet(connect_f, mode, width: float = 1.0, in_size: int = 128) -> ResNetN:
+    return ResNetN(scaled(CIFAR10DVS_LAYERS, width), NUM_CLASSES, connect_f, mode, in_size)
