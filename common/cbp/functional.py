@@ -62,9 +62,9 @@ def _plan(mode: str, scale: float, ucs: float, dtype: torch.dtype) -> tuple:
     return float(q[0]), tuple(slope_edges), tuple(nearest), tuple(window_start), lookup
 
 
-def _chunks(n: int, device: torch.device) -> range:
-    step = n if device.type != "cpu" or n <= _CHUNK else _CHUNK
-    return range(0, n, max(step, 1))
+def _chunk_size(n: int, device: torch.device) -> int:
+    """Stream CPU tensors in cache-sized chunks; run accelerator tensors in one piece."""
+    return max(1, n if device.type != "cpu" or n <= _CHUNK else _CHUNK)
 
 
 def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor) -> None:
@@ -111,12 +111,12 @@ def _evaluate(
     y_out = torch.empty_like(wf) if want_y else None
     g_out = torch.empty_like(wf) if want_grad else None
     total = torch.zeros((), dtype=torch.float64, device=w.device)
-    step = _chunks(n, w.device).step
+    step = _chunk_size(n, w.device)
     size = min(step, n)
     slope = torch.empty(size, dtype=w.dtype, device=w.device)
     ybuf = torch.empty(size, dtype=w.dtype, device=w.device) if (want_y or want_sum) else None
     mask = torch.empty(size, dtype=torch.bool, device=w.device)
-    for i in range(0, n, max(step, 1)):
+    for i in range(0, n, step):
         wc = wf[i : i + step]
         k = wc.numel()
         yc = ybuf[:k] if ybuf is not None else None
