@@ -1,0 +1,181 @@
+"""The TSSL-BP LIF neuron as an autograd Function, with a torch and a CuPy backend.
+
+Per neuron, with input current I_t (time is the last axis), theta_m = 1/tau_m and
+theta_s = 1/tau_s:
+
+    dU_t = I_t - theta_m u+_{t-1};  u_t = u+_{t-1} + dU_t;  o_t = [u_t > V_th]
+    u+_t = u_t (1 - o_t);            a_t = a_{t-1} + (o_t - a_{t-1}) theta_s      (output)
+
+The backward pass is the TSSL-BP rule: with S_t = sum_k kappa_k G_{t+k} (kappa the PSP
+kernel, G = dL/da), pi_t = o_t clip(1/dU_t, 0, 8) and Theta_T = 0, for t = T-1 .. 0:
+
+    g_t = pi_t S_t + [t < T-1] (Theta_{t+1} u_t theta_m pi_t + Theta_{t+1} (1-theta_m)(1-o_t))
+    Theta_t = o_t g_t + (1 - o_t)(1 - theta_m) Theta_{t+1}
+    dL/dI_t = g_t if a_t >= 1/(4 tau_s) else S_t sigma'(u_t)
+
+with sigma' the derivative of a logistic centred at V_th of width alpha = 0.2 (argument clamped
+to +-8).  Backends: ``torch`` (any device; vectorised over neurons, loops over T) and ``cupy``
+(float32 CUDA tensors; one fused kernel per direction).  ``auto`` picks CuPy for CUDA tensors
+when it imports, torch otherwise; set ``TSSLBP_BACKEND`` or call ``set_backend`` to force one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from global_v import psp_kernel
+from torch import Tensor
+
+from functions import tsslbp_cuda
+
+ALPHA = 0.2  # width of the surrogate logistic
+PI_MAX = 8.0  # cap on |du/dt|^-1 in the spike-timing term
+Z_MAX = 8.0  # clamp of the surrogate's argument
+BACKENDS = ("auto", "torch", "cupy")
+
+_backend = os.environ.get("TSSLBP_BACKEND", "auto").lower() or "auto"
+
+
+def set_backend(name: str) -> None:
+    """Force ``torch`` or ``cupy`` for every later call, or go back to ``auto``."""
+    global _backend
+    name = name.lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown TSSL-BP backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def resolve_backend(x: Tensor) -> str:
+    """The backend that will run for tensor ``x`` under the current setting."""
+    name = _backend if _backend in BACKENDS else "auto"
+    if name == "torch":
+        return "torch"
+    usable = x.is_cuda and x.dtype == torch.float32 and tsslbp_cuda.available()
+    if name == "cupy":
+        if not x.is_cuda:
+            raise RuntimeError("TSSL-BP backend 'cupy' needs CUDA tensors (use 'torch' on CPU)")
+        if x.dtype != torch.float32:
+            raise RuntimeError(f"TSSL-BP backend 'cupy' supports float32 only, got {x.dtype}")
+        if not tsslbp_cuda.available():
+            raise RuntimeError(f"TSSL-BP backend 'cupy' unavailable: {tsslbp_cuda.import_error()}")
+        return "cupy"
+    return "cupy" if usable else "torch"
+
+
+def _params(network_config: Mapping, layer_config: Mapping) -> tuple[float, float, float]:
+    return (
+        1.0 / float(network_config["tau_m"]),
+        float(network_config["tau_s"]),
+        float(layer_config["threshold"]),
+    )
+
+
+def kernel_matrix(T: int, tau_s: float, dtype: torch.dtype, device) -> Tensor:
+    """Upper-triangular Toeplitz K with K[t, t+k] = kappa_k, so S = K @ G (G as (T, M))."""
+    kappa = psp_kernel(T, tau_s, dtype)
+    idx = torch.arange(T)
+    lag = idx.view(1, T) - idx.view(T, 1)
+    mat = torch.where(lag >= 0, kappa[lag.clamp(min=0)], torch.zeros((), dtype=dtype))
+    return mat.to(device)
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def torch_forward(inputs: Tensor, theta_m: float, tau_s: float, vth: float):
+    """(a, u, du) in (T, M) layout for ``inputs`` of shape (..., T)."""
+    T = inputs.shape[-1]
+    x = inputs.detach().reshape(-1, T).t().contiguous()
+    u = torch.empty_like(x)
+    du = torch.empty_like(x)
+    a = torch.empty_like(x)
+    theta_s = 1.0 / tau_s
+    mem = torch.zeros_like(x[0])
+    syn = torch.zeros_like(x[0])
+    for t in range(T):
+        torch.mul(mem, -theta_m, out=du[t])
+        du[t].add_(x[t])
+        torch.add(mem, du[t], out=u[t])
+        spike = u[t] > vth
+        mem = u[t].masked_fill(spike, 0.0)
+        # syn + (o - syn) * theta_s, in the reference's operation order
+        syn = syn + (spike.to(x.dtype) - syn) * theta_s
+        a[t] = syn
+    return a, u, du
+
+
+def _surrogate(u: Tensor, vth: float) -> Tensor:
+    f = ((-u + vth) / ALPHA).clamp_(-Z_MAX, Z_MAX).exp_()
+    return f / ((1 + f) * (1 + f) * ALPHA)
+
+
+def torch_backward(grad: Tensor, a: Tensor, u: Tensor, du: Tensor,
+                   theta_m: float, tau_s: float, vth: float) -> Tensor:
+    """dL/dI in (T, M) layout; ``grad`` is dL/da of shape (..., T).
+
+    With A_t = pi_t S_t and B_t = u_t theta_m pi_t (spike) or 1 - theta_m (no spike), the
+    spike-timing gradient g_t equals Theta_t and obeys Theta_t = A_t + B_t Theta_{t+1}
+    (pi_t = 0 without a spike), so only one multiply-add per step is sequential; everything
+    else is computed for all steps at once.
+    """
+    T = grad.shape[-1]
+    g_tm = grad.reshape(-1, T).t().to(u.dtype)
+    S = kernel_matrix(T, tau_s, u.dtype, u.device) @ g_tm  # S[t] = sum_k kappa_k G[t+k]
+    spike = u > vth
+    pi = torch.reciprocal(du).clamp_(0.0, PI_MAX).masked_fill_(~spike, 0.0)
+    A = pi * S
+    B = (u * theta_m).mul_(pi).masked_fill_(~spike, 1 - theta_m)
+    theta = torch.empty_like(u)
+    theta[T - 1] = A[T - 1]
+    for t in range(T - 2, -1, -1):
+        torch.addcmul(A[t], B[t], theta[t + 1], out=theta[t])
+    quiet = a < 1.0 / (4.0 * tau_s)
+    return torch.where(quiet, S.mul_(_surrogate(u, vth)), theta)
+
+
+def _from_tm(x_tm: Tensor, shape: torch.Size) -> Tensor:
+    return x_tm.t().reshape(shape)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class TSSLBP(torch.autograd.Function):
+    """``TSSLBP.apply(inputs, network_config, layer_config)``: PSP trace a of the LIF layer.
+
+    ``network_config`` needs ``tau_m`` and ``tau_s``, ``layer_config`` needs ``threshold``.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, network_config: Mapping, layer_config: Mapping) -> Tensor:
+        theta_m, tau_s, vth = _params(network_config, layer_config)
+        backend = resolve_backend(inputs)
+        ctx.consts = (theta_m, tau_s, vth, backend)
+        if backend == "cupy":
+            a, u, du = tsslbp_cuda.forward(inputs, theta_m, tau_s, vth)
+            ctx.save_for_backward(a, u, du)
+            return a
+        a, u, du = torch_forward(inputs, theta_m, tau_s, vth)
+        ctx.save_for_backward(a, u, du)
+        ctx.shape = inputs.shape
+        return _from_tm(a, inputs.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, u, du = ctx.saved_tensors
+        theta_m, tau_s, vth, backend = ctx.consts
+        if backend == "cupy":
+            return tsslbp_cuda.backward(grad, a, u, du, theta_m, tau_s, vth), None, None
+        out = torch_backward(grad, a, u, du, theta_m, tau_s, vth)
+        return _from_tm(out, ctx.shape).to(grad.dtype), None, None
+
+
+def tsslbp(inputs: Tensor, network_config: Mapping, layer_config: Mapping) -> Tensor:
+    """Functional form of ``TSSLBP.apply``."""
+    return TSSLBP.apply(inputs, network_config, layer_config)

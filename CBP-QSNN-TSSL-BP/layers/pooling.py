@@ -1,0 +1,53 @@
+"""Fixed-weight sum pooling on (N, C, H, W, T): ``theta`` x the sum over each window, no neuron."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from layers.common import out_size, spatial3
+
+
+class PoolLayer(nn.Module):
+    """Each channel is convolved with a constant (k, k, 1) kernel of value ``theta`` (default
+    1.1), so the output is 1.1 x the window sum of the incoming PSPs.  Channels are pooled
+    separately, so any H, W and padding work."""
+
+    def __init__(self, network_config: Mapping, config: Mapping, name: str, in_shape) -> None:
+        super().__init__()
+        self.name = name
+        self.layer_config = config
+        self.network_config = network_config
+        self.type = config["type"]
+        self.kernel = spatial3(config["kernel_size"], "kernel_size", 1)
+        self.stride = spatial3(config.get("stride", config["kernel_size"]), "stride", 1)
+        self.padding = spatial3(config.get("padding", 0), "padding", 0)
+        self.dilation = spatial3(config.get("dilation", 1), "dilation", 1)
+        self.theta = float(config.get("theta", 1.1))
+        self.in_shape = list(in_shape)
+        self.out_shape = [int(in_shape[0])] + [
+            out_size(int(in_shape[i + 1]), self.kernel[i], self.stride[i], self.padding[i],
+                     self.dilation[i])
+            for i in range(2)
+        ]
+        if min(self.out_shape[1:]) < 1:
+            raise ValueError(f"{name}: output size {self.out_shape} for input {self.in_shape}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w, T = x.shape
+        weight = torch.full((1, 1, *self.kernel), self.theta, dtype=x.dtype, device=x.device)
+        y = F.conv3d(x.reshape(n * c, 1, h, w, T), weight, None, self.stride, self.padding,
+                     self.dilation)
+        return y.reshape(n, c, *y.shape[2:])
+
+    def forward_pass(self, x: Tensor, epoch: int | None = None) -> Tensor:
+        return self.forward(x)
+
+    def get_parameters(self) -> None:
+        return None
+
+    def weight_clipper(self) -> None:
+        pass

@@ -1,0 +1,113 @@
+"""FP32 training of the TSSL-BP network (the pre-training CBP starts from).
+
+Examples (working directory = CBP-QSNN-TSSL-BP/):
+    python main_train_fp32.py -config Networks/CIFAR10_bin.yaml -epochs 150
+    python main_train_fp32.py -config Networks/DIGITS_bin.yaml
+    python main_train_fp32.py -config Networks/CIFAR10_bin.yaml -mode eval
+
+The quantization keys of the config are ignored: every layer is fp32.  All weights are trained
+with AdamW (lr Network.lr unless Network.lr_fp32 or -lr is given), gradient norm clipped to 1,
+weights clamped to [-4, 4].  The best epoch (test accuracy >= the best so far) is written as a
+bare state dict to ./trained_params/TSSL_BP_<DS>_fp32_pretrained.pth, the file
+main_quantize_cbp.py loads, and as {net, loss (= test acc %), epoch} to
+./checkpoint/<DS>_fp32.pth; ./checkpoint/<DS>_fp32_last.pth allows -checkpoint resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from cbp.checkpoint import extract_state_dict, load_file, save_atomic
+from cbp.runtime import Scalars, UserError, run_main, seed_everything
+
+import engine
+from functions import loss_f
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FP32 training of a TSSL-BP network")
+    engine.add_common_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dataset, _ = engine.config_names(args.config or "")
+    params = engine.load_config(args.config)
+    net_cfg = params["Network"]
+    name = f"{dataset}_fp32"
+    log = engine.setup_logging(f"./logs/{name}_{args.mode}.log")
+    device = engine.setup_device(args)
+    seed_everything(args.seed)
+    epochs = int(net_cfg.get("epochs_fp32", net_cfg["epochs"])) if args.epochs is None \
+        else args.epochs
+    lr = args.lr or float(net_cfg.get("lr_fp32", net_cfg["lr"]))
+    train_dl, test_dl = engine.loaders(net_cfg, args.workers, args.download)
+    net = engine.build(params, train_dl, device, quantize=False)
+    show = not args.no_progress
+    pre_path = engine.pretrained_path(dataset)
+
+    if args.mode == "eval":
+        path = args.checkpoint or pre_path
+        engine.require_file(path, "fp32 checkpoint",
+                            f"create it with: python main_train_fp32.py -config {args.config}")
+        engine.load_weights(net, extract_state_dict(load_file(path)), path)
+        acc = engine.test(net, test_dl, device, show)
+        log.info("Test Accuracy: %.3f", acc)
+        print("Test Accuracy: ", acc)
+        return
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    last_path = f"./checkpoint/{name}_last.pth"
+    best_acc, best_epoch, start = 0.0, 0, 0
+    if args.checkpoint:
+        engine.require_file(args.checkpoint, "checkpoint to resume from",
+                            f"use ./checkpoint/{name}_last.pth")
+        state = load_file(args.checkpoint)
+        engine.load_weights(net, extract_state_dict(state), args.checkpoint)
+        if isinstance(state, dict) and "optimizer" in state:  # full state: continue exactly
+            optimizer.load_state_dict(state["optimizer"])
+            best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
+            start = int(state["epoch"]) + 1
+            engine.set_rng_state(state["rng"])
+        print(f"resumed from {args.checkpoint} at epoch {start}")
+    elif os.path.isfile(pre_path) and epochs > 0:
+        os.replace(pre_path, pre_path + ".bak")
+        print(f"existing {pre_path} moved to {pre_path}.bak")
+
+    if epochs <= start:
+        raise UserError(f"nothing to do: {epochs} epochs, starting at epoch {start}")
+    loss_fn = loss_f.SpikeLoss(net_cfg)
+    tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
+    for e in range(start, epochs):
+        log.info("\nEpoch: %d", e)
+        loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
+                                             show=show)
+        acc = engine.test(net, test_dl, device, show)
+        improved = acc >= best_acc
+        if acc > best_acc:
+            best_acc, best_epoch = acc, e
+        log.info("Train Accuracy: %.3f. Loss: %.3f", train_acc, loss)
+        log.info("Test Accuracy: %.3f (%.3f).", acc, best_acc)
+        print(f"epoch {e}: loss {loss:.4f} train {train_acc:.2f}% test {acc:.2f}% "
+              f"(best {best_acc:.2f}% @ {best_epoch})")
+        tb.add("loss/train", loss, e)
+        tb.add("accuracy/train", train_acc, e)
+        tb.add("accuracy/test", acc, e)
+        if improved:
+            save_atomic({"net": net.state_dict(), "loss": acc, "epoch": e},
+                        f"./checkpoint/{name}.pth")
+            save_atomic(net.state_dict(), pre_path)
+        save_atomic({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": e,
+                     "best_acc": best_acc, "best_epoch": best_epoch, "rng": engine.rng_state()},
+                    last_path)
+    tb.close()
+    log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)
+    print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
+
+
+if __name__ == "__main__":
+    run_main(main)
