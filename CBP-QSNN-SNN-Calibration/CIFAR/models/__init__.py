@@ -1,0 +1,1 @@
+"""VGG ANN, its spiking and quantized-spiking counterparts, BN folding and calibration."""

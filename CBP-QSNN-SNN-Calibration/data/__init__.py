@@ -1,0 +1,1 @@
+"""Training-time augmentation (AutoAugment CIFAR-10 policy and Cutout)."""
