@@ -11,15 +11,22 @@ export CBP_NO_PROGRESS=1
 OUT="${GPU_CHECK_OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 
-if ! python -c "import torch, yaml, cbp" >/dev/null 2>&1; then
-    echo "== installing requirements"
-    python -m pip install -q -r requirements.txt || exit 2
+# The GPU machine may have no network: install from wheels carried in the checkout when they
+# exist (./wheels, filled beforehand with `pip download -d wheels -r requirements-dev.txt`),
+# otherwise from the package index.
+PIP=(python -m pip install -q)
+if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1; then
+    PIP+=(--no-index --find-links wheels)
+fi
+if ! python -c "import torch, yaml, sklearn, cbp" >/dev/null 2>&1; then
+    echo "== installing requirements (${PIP[*]:4})"
+    "${PIP[@]}" -r requirements.txt || exit 2
     python -m pip install -q --no-deps -e . || exit 2
 fi
-python -m pip show pytest >/dev/null 2>&1 || python -m pip install -q pytest hypothesis || exit 2
+python -c "import pytest, hypothesis" >/dev/null 2>&1 || "${PIP[@]}" pytest hypothesis || exit 2
 if ! python -c "import cupy" >/dev/null 2>&1; then
     echo "== installing cupy"
-    python -m pip install -q "cupy-cuda13x" || python -m pip install -q "cupy-cuda12x" || true
+    "${PIP[@]}" cupy-cuda13x || "${PIP[@]}" cupy-cuda12x || true
 fi
 
 echo "== environment"

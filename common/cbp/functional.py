@@ -89,7 +89,7 @@ def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor
         edges, table = lookup
         region = torch.zeros(w.shape, dtype=torch.long, device=w.device)
         for v in edges:
-            region += torch.ge(w, v)
+            region += torch.ge(w, v).long()
         slope.copy_(torch.tensor(table, dtype=slope.dtype, device=slope.device)[region])
 
 
@@ -115,7 +115,8 @@ def _evaluate(
     size = min(step, n)
     slope = torch.empty(size, dtype=w.dtype, device=w.device)
     ybuf = torch.empty(size, dtype=w.dtype, device=w.device) if (want_y or want_sum) else None
-    mask = torch.empty(size, dtype=torch.bool, device=w.device)
+    # comparisons write 0/1 into a float buffer: far faster on CPU than bool masks + promotion
+    mask = torch.empty(size, dtype=w.dtype, device=w.device)
     for i in range(0, n, step):
         wc = wf[i : i + step]
         k = wc.numel()
