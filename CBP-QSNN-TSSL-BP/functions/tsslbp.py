@@ -98,15 +98,21 @@ def torch_forward(inputs: Tensor, theta_m: float, tau_s: float, vth: float):
     theta_s = 1.0 / tau_s
     mem = torch.zeros_like(x[0])
     syn = torch.zeros_like(x[0])
+    spike = torch.empty_like(x[0])  # 0/1 floats: much faster on CPU than bool masks
+    tmp = torch.empty_like(x[0])
     for t in range(T):
         torch.mul(mem, -theta_m, out=du[t])
         du[t].add_(x[t])
         torch.add(mem, du[t], out=u[t])
-        spike = u[t] > vth
-        mem = u[t].masked_fill(spike, 0.0)
+        torch.gt(u[t], vth, out=spike)
+        # u (1 - o): a spiking neuron has u > vth > 0, so this is exactly the reset to +0
+        torch.neg(spike, out=tmp).add_(1.0)
+        torch.mul(u[t], tmp, out=mem)
         # syn + (o - syn) * theta_s, in the reference's operation order
-        syn = syn + (spike.to(x.dtype) - syn) * theta_s
-        a[t] = syn
+        torch.sub(spike, syn, out=tmp)
+        tmp.mul_(theta_s)
+        torch.add(syn, tmp, out=a[t])
+        syn = a[t]
     return a, u, du
 
 
@@ -127,10 +133,11 @@ def torch_backward(grad: Tensor, a: Tensor, u: Tensor, du: Tensor,
     T = grad.shape[-1]
     g_tm = grad.reshape(-1, T).t().to(u.dtype)
     S = kernel_matrix(T, tau_s, u.dtype, u.device) @ g_tm  # S[t] = sum_k kappa_k G[t+k]
-    spike = u > vth
-    pi = torch.reciprocal(du).clamp_(0.0, PI_MAX).masked_fill_(~spike, 0.0)
+    spike = torch.gt(u, vth).to(u.dtype)
+    pi = torch.reciprocal(du).clamp_(0.0, PI_MAX).mul_(spike)  # 0 without a spike
     A = pi * S
-    B = (u * theta_m).mul_(pi).masked_fill_(~spike, 1 - theta_m)
+    # u theta_m pi with a spike, 1 - theta_m without (pi = 0 there, so the sum is exact)
+    B = (u * theta_m).mul_(pi).add_(spike.neg_().add_(1.0).mul_(1 - theta_m))
     theta = torch.empty_like(u)
     theta[T - 1] = A[T - 1]
     for t in range(T - 2, -1, -1):
