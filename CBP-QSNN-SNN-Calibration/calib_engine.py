@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from cbp import data as cbp_data
 from cbp.checkpoint import CheckpointError, extract_state_dict
-from cbp.runtime import UserError, progress
+from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, progress
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
 NORM = {
@@ -62,28 +62,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="use only the first N training and N test images (quick runs)")
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-positive_int, nonneg_int, positive_float = _positive_int, _nonneg_int, _positive_float
+_positive_int, _nonneg_int, _positive_float = positive_int, nonneg_int, positive_float
 
 
 # ----------------------------------------------------------------------------- data, seeds

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from cbp import CBP, MODES, clip_gradients, param_groups
 from cbp.checkpoint import extract_state_dict, load_file, save_atomic
 from cbp.export import pack_model, save_packed, weight_memory_mbit
-from cbp.runtime import Scalars, UserError, progress, run_main, select_device
+from cbp.runtime import Scalars, UserError, progress, run_main, select_device, write_progress
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,14 +86,6 @@ def names(args, trial: int) -> dict[str, str]:
     }
 
 
-def write_progress(path: str, rows: list[list[float]]) -> None:
-    """Tab-separated, no header or index, one row per epoch after an all-zero first row."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write("\t".join(str(float(v)) for v in row) + "\n")
-    os.replace(tmp, path)
 
 
 def build_optimizer(snn_q, args) -> torch.optim.Optimizer:

@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cbp import data as cbp_data
-from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, progress
+from cbp.runtime import (  # noqa: F401 (used by the scripts)
+    UserError,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    progress,
+    rng_state,
+    set_rng_state,
+    write_progress,
+)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)  # used for CIFAR-100 too, as in the reference
@@ -126,24 +135,6 @@ def keep_backup(path: str) -> None:
         print(f"existing {path} moved to {path}.bak")
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def write_progress(path: str, rows: list[list[float]]) -> None:
-    """Tab-separated, no header/index, every value a float (reference format)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write("\t".join(str(float(v)) for v in row) + "\n")
-    os.replace(tmp, path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Iterable
 
 import global_v as glv
 import torch
@@ -16,7 +15,15 @@ from torch.utils.data import DataLoader
 
 from cbp import MODES
 from cbp import data as cbp_data
-from cbp.runtime import UserError, nonneg_int, positive_float, progress
+from cbp.runtime import (  # noqa: F401 (used by the scripts)
+    UserError,
+    nonneg_int,
+    positive_float,
+    progress,
+    rng_state,
+    set_rng_state,
+    write_progress,
+)
 
 from functions import loss_f, tsslbp
 
@@ -242,24 +249,6 @@ def load_weights(net: Network, state: dict, where: str) -> dict:
     return scales
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def write_progress(path: str, rows: Iterable[Iterable[float]]) -> None:
-    """Tab-separated floats, no header or index (the reference's pandas output)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write("\t".join(repr(float(v)) for v in row) + "\n")
-    os.replace(tmp, path)

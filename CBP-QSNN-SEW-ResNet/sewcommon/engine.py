@@ -27,7 +27,7 @@ import cbp
 from cbp import distributed as D
 from cbp.checkpoint import CheckpointError, extract_state_dict, load_file, load_into, save_atomic
 from cbp.export import pack_model, save_packed, weight_memory_mbit
-from cbp.runtime import Scalars, UserError, progress, select_device
+from cbp.runtime import Scalars, UserError, progress, select_device, write_progress
 
 from .neurons import configure_backend, reset_net
 
@@ -157,14 +157,6 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {k: (v if isinstance(v, ok) else str(v)) for k, v in vars(args).items()}
 
 
-def write_progress(path: str, rows: list[list[float]]) -> None:
-    """Tab-separated floats, no header and no index (the reference's pandas output)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write("\t".join(str(float(v)) for v in row) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- layout

@@ -128,3 +128,28 @@ class Scalars:
     def close(self) -> None:
         if self._w is not None:
             self._w.close()
+
+
+def rng_state() -> dict:
+    """torch (and CUDA) RNG state, saved with a checkpoint so a resumed run shuffles alike."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_progress(path: str, rows: Iterable[Iterable[float]]) -> None:
+    """Write a progress table atomically: tab-separated floats, no header, no index (the
+    reference's pandas ``to_csv(sep='\\t', header=False, index=False)`` output)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write("\t".join(str(float(v)) for v in row) + "\n")
+    os.replace(tmp, path)
