@@ -40,12 +40,7 @@ IN_Q = load("sew_in_q_sew_resnet", "ImageNet/q_sew_resnet.py")
 IN_F = load("sew_in_sew_resnet", "ImageNet/sew_resnet.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sizes(model: nn.Module) -> tuple[int, int, int]:

@@ -72,13 +72,7 @@ QUANTIZED_COUNTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process models are tiny; a single thread avoids oversubscribing shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(script: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -29,12 +29,7 @@ CIFAR_SHAPES = [(96, 3, 3, 3, 1), (256, 96, 3, 3, 1), (384, 256, 3, 3, 1), (384,
                 (256, 384, 3, 3, 1), (1024, 16384), (1024, 1024), (10, 1024)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cifar_params(mode="bin"):
