@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from CIFAR.models.q_utils import AvgPoolConv_q, StraightThrough
+from CIFAR.models.spiking_layer import SpikeModel
 
 
 class SpikeAct(torch.autograd.Function):
@@ -91,59 +92,15 @@ class SpikeModule_q(_SpikeBase):  # noqa: N801 - reference name
 SPIKE_TYPES = (SpikeModule_nq, SpikeModule_q)
 
 
-class SpikeModel_q(nn.Module):  # noqa: N801 - reference name
+class SpikeModel_q(SpikeModel):  # noqa: N801 - reference name
     """Spiking VGG_q; output = sum over T steps of the analog classifier's logits."""
 
-    def __init__(self, model: nn.Module, sim_length: int, specials: dict | None = None) -> None:
-        super().__init__()
-        if sim_length <= 0:
-            raise ValueError("SNN simulation length must be positive")
-        self.model = model
-        self.specials = dict(specials or {})
-        self.spike_module_refactor(self.model, sim_length)
-        self.use_spike = False
-        self.T = sim_length
+    spike_types = SPIKE_TYPES
+    pool_type = AvgPoolConv_q
 
-    def spike_module_refactor(self, module: nn.Module, sim_length: int,
-                              prev_module: nn.Module | None = None) -> nn.Module | None:
-        for name, child in module.named_children():
-            if type(child) in self.specials:
-                setattr(module, name, self.specials[type(child)](child, sim_length=sim_length))
-            elif isinstance(child, nn.Conv2d) and not isinstance(child, AvgPoolConv_q):
-                cls = SpikeModule_q if hasattr(child, "factor") else SpikeModule_nq
-                setattr(module, name, cls(sim_length=sim_length, conv=child))
-                prev_module = getattr(module, name)
-            elif isinstance(child, (nn.ReLU, nn.ReLU6)):
-                if prev_module is not None:
-                    prev_module.add_module("relu", child)
-                    setattr(module, name, StraightThrough())
-            elif isinstance(child, AvgPoolConv_q):
-                relu = child.relu
-                setattr(module, name, SpikeModule_nq(sim_length=sim_length, conv=child))
-                getattr(module, name).add_module("relu", relu)
-            else:
-                prev_module = self.spike_module_refactor(child, sim_length, prev_module)
-        return prev_module
+    def wrap_conv(self, conv: nn.Module, sim_length: int) -> nn.Module:
+        cls = SpikeModule_q if hasattr(conv, "factor") else SpikeModule_nq
+        return cls(sim_length=sim_length, conv=conv)
 
-    def spike_modules(self) -> list[tuple[str, _SpikeBase]]:
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, SPIKE_TYPES)]
-
-    def set_spike_state(self, use_spike: bool = True) -> None:
-        self.use_spike = use_spike
-        for m in self.model.modules():
-            if isinstance(m, SPIKE_TYPES):
-                m.use_spike = use_spike
-
-    def init_membrane_potential(self) -> None:
-        for m in self.model.modules():
-            if isinstance(m, SPIKE_TYPES):
-                m.init_membrane_potential()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.use_spike:
-            return self.model(input)
-        self.init_membrane_potential()
-        out = 0
-        for _ in range(self.T):
-            out = out + self.model(input)
-        return out
+    def wrap_pool(self, pool: nn.Module, sim_length: int) -> nn.Module:
+        return SpikeModule_nq(sim_length=sim_length, conv=pool)

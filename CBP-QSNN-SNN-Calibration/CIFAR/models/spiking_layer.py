@@ -83,39 +83,51 @@ class SpikeModel(nn.Module):
         self.use_spike = False
         self.T = sim_length
 
+    # what the refactor wraps: subclasses (the quantized model) override these three
+    spike_types: tuple[type, ...] = ()
+    pool_type: type = AvgPoolConv
+
+    def wrap_conv(self, conv: nn.Module, sim_length: int) -> nn.Module:
+        """The spiking layer that replaces a (non-pooling) conv."""
+        return SpikeModule(sim_length=sim_length, conv=conv)
+
+    def wrap_pool(self, pool: nn.Module, sim_length: int) -> nn.Module:
+        """The spiking layer that replaces an average-pooling conv."""
+        return SpikeModule(sim_length=sim_length, conv=pool)
+
     def spike_module_refactor(self, module: nn.Module, sim_length: int,
                               prev_module: nn.Module | None = None) -> nn.Module | None:
-        """Recursively replace convs by ``SpikeModule`` and move each following ReLU into it."""
+        """Recursively replace convs by spiking layers and move each following ReLU into it."""
         for name, child in module.named_children():
             if type(child) in self.specials:
                 setattr(module, name, self.specials[type(child)](child, sim_length=sim_length))
-            elif isinstance(child, nn.Conv2d) and not isinstance(child, AvgPoolConv):
-                setattr(module, name, SpikeModule(sim_length=sim_length, conv=child))
+            elif isinstance(child, nn.Conv2d) and not isinstance(child, self.pool_type):
+                setattr(module, name, self.wrap_conv(child, sim_length))
                 prev_module = getattr(module, name)
             elif isinstance(child, (nn.ReLU, nn.ReLU6)):
                 if prev_module is not None:
                     prev_module.add_module("relu", child)
                     setattr(module, name, StraightThrough())
-            elif isinstance(child, AvgPoolConv):
+            elif isinstance(child, self.pool_type):
                 relu = child.relu
-                setattr(module, name, SpikeModule(sim_length=sim_length, conv=child))
+                setattr(module, name, self.wrap_pool(child, sim_length))
                 getattr(module, name).add_module("relu", relu)
             else:
                 prev_module = self.spike_module_refactor(child, sim_length, prev_module)
         return prev_module
 
-    def spike_modules(self) -> list[tuple[str, SpikeModule]]:
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, SpikeModule)]
+    def spike_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, self.spike_types)]
 
     def set_spike_state(self, use_spike: bool = True) -> None:
         self.use_spike = use_spike
         for m in self.model.modules():
-            if isinstance(m, SpikeModule):
+            if isinstance(m, self.spike_types):
                 m.use_spike = use_spike
 
     def init_membrane_potential(self) -> None:
         for m in self.model.modules():
-            if isinstance(m, SpikeModule):
+            if isinstance(m, self.spike_types):
                 m.init_membrane_potential()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -129,6 +141,9 @@ class SpikeModel(nn.Module):
 
 
 # ----------------------------------------------------------------------- threshold search
+
+
+SpikeModel.spike_types = (SpikeModule,)
 
 
 class DataSaverHook:
