@@ -110,7 +110,7 @@ def main(argv=None) -> None:
             loss = engine.mse_onehot(model(images), labels, outs)
             lag = loss + cbp.penalty()
             cbp.accumulate(lag)
-            loss_train += loss.item() / len(train_dl)
+            loss_train = loss_train + loss.detach() / len(train_dl)  # no per-batch sync
             lag.backward()
             clip_gradients(model.parameters(), 1.0)
             optimizer.step()
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
         print(f"Epoch {epoch + 1}/{args.num_epochs} ... test_acc, cfs = {acc}, {cfs}")
         rows.append([epoch, cbp.lagsum_pre, acc, cfs])
         engine.write_progress(f"{progress_dir}/{name}_progress.txt", rows)
-        for tag, value in (("loss/train", loss_train), ("lagsum", decision.lagsum),
+        for tag, value in (("loss/train", float(loss_train)), ("lagsum", decision.lagsum),
                            ("accuracy/test", acc), ("cfs", cfs), ("g", cbp.g), ("ucs", cbp.ucs),
                            ("lambda/mean", cbp.lambda_mean()), ("lr", optimizer.param_groups[0]["lr"])):
             tb.add(tag, value, epoch)

@@ -27,6 +27,17 @@ def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return math.floor((size + 2 * p - d * (k - 1) - 1) / s + 1)
 
 
+def out_shape(name: str, channels: int, in_shape, kernel, stride, padding, dilation) -> list[int]:
+    """[channels, H_out, W_out] of a (k, k, 1) conv/pool over ``in_shape`` = [C, H, W]."""
+    shape = [int(channels)] + [
+        out_size(int(in_shape[i + 1]), kernel[i], stride[i], padding[i], dilation[i])
+        for i in range(2)
+    ]
+    if min(shape[1:]) < 1:
+        raise ValueError(f"{name}: output size {shape} for input {list(in_shape)}")
+    return shape
+
+
 class WeightLayer(nn.Module):
     """A conv/linear layer: ``weight`` parameter, TSSL-BP neuron, clamp to +-``clip``."""
 

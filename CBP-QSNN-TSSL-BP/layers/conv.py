@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers.common import QuantizedWeight, WeightLayer, out_size, spatial3
+from layers.common import QuantizedWeight, WeightLayer, out_shape, spatial3
 
 
 class ConvLayer(WeightLayer):
@@ -28,13 +28,8 @@ class ConvLayer(WeightLayer):
         nn.init.kaiming_uniform_(w, a=5**0.5)
         self.weight = nn.Parameter(w * float(config.get("weight_scale", 1)))
         self.in_shape = list(in_shape)
-        self.out_shape = [cout] + [
-            out_size(int(in_shape[i + 1]), self.kernel[i], self.stride[i], self.padding[i],
-                     self.dilation[i])
-            for i in range(2)
-        ]
-        if min(self.out_shape[1:]) < 1:
-            raise ValueError(f"{name}: output size {self.out_shape} for input {self.in_shape}")
+        self.out_shape = out_shape(name, cout, in_shape, self.kernel, self.stride, self.padding,
+                                   self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv3d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation)

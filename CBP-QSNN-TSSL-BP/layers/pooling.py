@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers.common import out_size, spatial3
+from layers.common import out_shape, spatial3
 
 
 class PoolLayer(nn.Module):
@@ -28,13 +28,8 @@ class PoolLayer(nn.Module):
         self.dilation = spatial3(config.get("dilation", 1), "dilation", 1)
         self.theta = float(config.get("theta", 1.1))
         self.in_shape = list(in_shape)
-        self.out_shape = [int(in_shape[0])] + [
-            out_size(int(in_shape[i + 1]), self.kernel[i], self.stride[i], self.padding[i],
-                     self.dilation[i])
-            for i in range(2)
-        ]
-        if min(self.out_shape[1:]) < 1:
-            raise ValueError(f"{name}: output size {self.out_shape} for input {self.in_shape}")
+        self.out_shape = out_shape(name, in_shape[0], in_shape, self.kernel, self.stride,
+                                   self.padding, self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w, T = x.shape

@@ -163,10 +163,16 @@ class CBP:
         self.lr_decayed = False
         self.num_updates = 0
         self._lagsum: Tensor | None = None
+        self._scale_cache: tuple | None = None
 
     # ----------------------------------------------------------------- per batch
     def _scales(self) -> list[float]:
-        return torch.cat([t.scale.detach().reshape(-1)[:1].float().cpu() for t in self.targets]).tolist()
+        """Scales as Python floats, read from the device only when a scale tensor changed."""
+        key = tuple((t.scale._version, t.scale.data_ptr()) for t in self.targets)
+        if self._scale_cache is None or self._scale_cache[0] != key:
+            values = torch.cat([t.scale.detach().reshape(-1)[:1].float().cpu() for t in self.targets])
+            self._scale_cache = (key, values.tolist())
+        return self._scale_cache[1]
 
     def penalty(self) -> Tensor:
         """sum over layers of sum(lambda * Y(W; ucs)); gradients reach W only."""

@@ -48,7 +48,7 @@ class QuantMixin:
         self._qcache = (key, qw)
         return qw
 
-    def _apply(self, fn, *args, **kwargs):  # drop the cache on .to() / .cuda() / .half()
+    def _apply(self, fn, *args, **kwargs):  # drop the cache when moved or cast (.to etc.)
         self._qcache = None
         return super()._apply(fn, *args, **kwargs)
 

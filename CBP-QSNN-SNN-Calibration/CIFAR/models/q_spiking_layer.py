@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from CIFAR.models.q_utils import AvgPoolConv_q, StraightThrough
-from CIFAR.models.spiking_layer import SpikeModel
+from CIFAR.models.spiking_layer import SpikeModel, integrate_and_fire, reset_potential
 
 
 class SpikeAct(torch.autograd.Function):
@@ -67,18 +67,10 @@ class _SpikeBase(nn.Module):
         if not self.use_spike:  # analog mode (the reference returned None here)
             return self.relu(self._current(input))
         self.cur_t += 1
-        x = self._current(input)
-        if self.enable_shift and self.threshold is not None:
-            x = x + self.threshold * 0.5 / self.sim_length
-        self.mem_pot = self.mem_pot + x
-        spike = spikeAct(self.mem_pot, self.threshold, 2)
-        self.mem_pot = self.mem_pot - spike
-        return spike
+        return integrate_and_fire(self, self._current(input), lambda u, th: spikeAct(u, th, 2))
 
     def init_membrane_potential(self) -> None:
-        init = self.mem_pot_init
-        self.mem_pot = init if isinstance(init, (int, float)) else init.clone()
-        self.cur_t = 0
+        reset_potential(self)
 
 
 class SpikeModule_nq(_SpikeBase):  # noqa: N801 - reference name

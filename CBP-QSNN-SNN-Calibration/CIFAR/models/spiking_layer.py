@@ -57,17 +57,34 @@ class SpikeModule(nn.Module):
                                            **self.fwd_kwargs))
         self.cur_t += 1
         x = self.fwd_func(input, self.weight, self.bias, **self.fwd_kwargs)
-        if self.enable_shift and self.threshold is not None:
-            x = x + self.threshold * 0.5 / self.sim_length
-        self.mem_pot = self.mem_pot + x
-        spike = (self.mem_pot >= self.threshold).to(x.dtype) * self.threshold
-        self.mem_pot = self.mem_pot - spike
-        return spike
+        return integrate_and_fire(self, x, heaviside_spike)
 
     def init_membrane_potential(self) -> None:
-        init = self.mem_pot_init
-        self.mem_pot = init if isinstance(init, (int, float)) else init.clone()
-        self.cur_t = 0
+        reset_potential(self)
+
+
+def heaviside_spike(mem_pot: torch.Tensor, threshold) -> torch.Tensor:
+    """Spike of amplitude ``threshold`` where the potential reaches it."""
+    return (mem_pot >= threshold).to(mem_pot.dtype) * threshold
+
+
+def integrate_and_fire(layer: nn.Module, x: torch.Tensor, fire) -> torch.Tensor:
+    """One IF step of ``layer`` (``mem_pot``, ``threshold``, ``enable_shift``, ``sim_length``):
+    add the input (plus the theta/2T shift), fire with ``fire(mem_pot, threshold)``, reset by
+    subtraction."""
+    if layer.enable_shift and layer.threshold is not None:
+        x = x + layer.threshold * 0.5 / layer.sim_length
+    layer.mem_pot = layer.mem_pot + x
+    spike = fire(layer.mem_pot, layer.threshold)
+    layer.mem_pot = layer.mem_pot - spike
+    return spike
+
+
+def reset_potential(layer: nn.Module) -> None:
+    """Start a new sample: potential back to its (possibly corrected) initial value."""
+    init = layer.mem_pot_init
+    layer.mem_pot = init if isinstance(init, (int, float)) else init.clone()
+    layer.cur_t = 0
 
 
 class SpikeModel(nn.Module):
