@@ -282,3 +282,20 @@ def test_cifar10dvs_split_and_cache(tmp_path, monkeypatch):
     assert data.cifar10dvs(str(tmp_path / "a"), 4, str(cache))[1].indices == [0]  # reused
     # another data folder does not reuse the cache (the reference keyed it on T only)
     assert data.cifar10dvs(str(tmp_path / "b"), 4, str(cache))[1].indices == [9, 19]
+
+
+def test_event_integration_threads_on_racy_interpreters(monkeypatch):
+    from sewcommon import data
+    from spikingjelly import configure
+
+    assert not data._ast_thread_safe((3, 11, 7))
+    assert data._ast_thread_safe((3, 11, 8)) and data._ast_thread_safe((3, 13, 0))
+    assert not data._ast_thread_safe((3, 12, 1)) and data._ast_thread_safe((3, 12, 2))
+    monkeypatch.setattr(configure, "max_threads_number_for_datasets_preprocess", 16)
+    monkeypatch.setattr(data, "_ast_thread_safe", lambda: False)
+    monkeypatch.setenv("SJ_MAX_THREADS_NUMBER_FOR_DATASETS_PREPROCESS", "8")
+    data._spikingjelly_preprocess_threads()
+    assert configure.max_threads_number_for_datasets_preprocess == 16  # the user's choice
+    monkeypatch.delenv("SJ_MAX_THREADS_NUMBER_FOR_DATASETS_PREPROCESS")
+    data._spikingjelly_preprocess_threads()
+    assert configure.max_threads_number_for_datasets_preprocess == 1

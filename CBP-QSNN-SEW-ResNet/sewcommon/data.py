@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -26,6 +27,23 @@ def _have_any(root: str, names: list[str]) -> bool:
     return any(os.path.exists(os.path.join(root, n)) for n in names)
 
 
+def _ast_thread_safe(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """CPython before 3.11.8 / 3.12.2 can raise ``SystemError: AST constructor recursion
+    depth mismatch`` when threads parse concurrently, which numpy does for every ``.npz``
+    header spikingjelly reads while it integrates events in its thread pool."""
+    return version >= (3, 12, 2) or (3, 11, 8) <= version < (3, 12)
+
+
+def _spikingjelly_preprocess_threads() -> None:
+    """Integrate events in one thread on interpreters with the AST race above, unless the
+    user chose a thread count with ``SJ_MAX_THREADS_NUMBER_FOR_DATASETS_PREPROCESS``."""
+    if _ast_thread_safe() or "SJ_MAX_THREADS_NUMBER_FOR_DATASETS_PREPROCESS" in os.environ:
+        return
+    from spikingjelly import configure
+
+    configure.max_threads_number_for_datasets_preprocess = 1
+
+
 def dvs128_gesture(root: str | None, T: int) -> tuple[Dataset, Dataset]:
     """(train, test) frame datasets of DVS128 Gesture, official 1176/288 split."""
     if not root:
@@ -37,6 +55,8 @@ def dvs128_gesture(root: str | None, T: int) -> tuple[Dataset, Dataset]:
             f"into {os.path.join(root, 'download')}/"
         )
     from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
+
+    _spikingjelly_preprocess_threads()
 
     kw = dict(data_type="frame", frames_number=T, split_by="number")
     return DVS128Gesture(root, train=True, **kw), DVS128Gesture(root, train=False, **kw)
@@ -51,6 +71,8 @@ def cifar10dvs_full(root: str, T: int) -> Dataset:
             f"truck.zip) from {CIFAR10DVS_URL} into {os.path.join(root, 'download')}/"
         )
     from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
+
+    _spikingjelly_preprocess_threads()
 
     return CIFAR10DVS(root, data_type="frame", frames_number=T, split_by="number")
 
