@@ -232,6 +232,28 @@ def test_dvs128_errors(tmp_path, capsys):
     assert "--connect_f" in err
 
 
+def test_dvs128_script_on_digits_events(tmp_path, capsys):
+    """--dataset DIGITS: the embedded digits as event frames, fp32 -> CBP -> test-only."""
+    base = "--dataset DIGITS --model SEWResNet --connect_f ADD --T 2 -b 64 -j 0 --width 0.125"
+    err = cli_error("DVS128Gesture", f"{base} --quant ter", tmp_path, capsys)
+    assert "SEW_ResNet_DIGITS_fp32_pretrained.pth not found" in err and "--dataset DIGITS" in err
+    cli("DVS128Gesture", f"{base} --epochs 1 --lr 0.05", tmp_path, fp32=True)
+    fp32 = torch.load(tmp_path / "trained_params" / "SEW_ResNet_DIGITS_fp32_pretrained.pth",
+                      weights_only=True)
+    assert fp32["out.weight"].shape == (10, 2 * 2 * 4)  # 3 stages: 16 -> 2, 4 channels
+    assert fp32["conv.0.0.0.weight"].shape == (4, 2, 3, 3)  # two polarities in
+    assert not any(k.startswith("conv.4.") for k in fp32)  # 3 x (up conv, block) + pool
+    capsys.readouterr()
+    cli("DVS128Gesture", f"{base} --epochs 1 --lr 0.01 --quant ter --period 1", tmp_path)
+    run = tmp_path / "logs" / "DIGITS_SEWResNet_b64_T2_epoch1_sgd_cnf_ADD_period1_ter"
+    prog = rows(run / "lr0.01_lrlamba0.01" / "progress.txt")
+    assert prog.shape == (2, 5) and 0 < prog[1, 1] <= 100
+    capsys.readouterr()
+    cli("DVS128Gesture", f"{base} --test-only --quant ter", tmp_path)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(" * Acc@1")][0]
+    assert float(line.split("=")[1].split(",")[0]) == pytest.approx(prog[1, 1], abs=1e-3)
+
+
 # ----------------------------------------------------------------------------- CIFAR10-DVS
 def test_cifar10dvs_split_fp32_cbp_test_only(tmp_path, capsys):
     write_cifar10dvs(tmp_path / "data" / "CIFAR10DVS", per_class=10)

@@ -27,14 +27,17 @@ from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, run
 
 DATASET = "DVS128Gesture"
 MODELS = ("SEWResNet", "PlainNet", "SpikingResNet")
+# --dataset DIGITS: the embedded digits as 16x16 event frames (cbp.data.digits_dvs); the net
+# keeps the first 3 of the 7 stages (16 -> 2: the output layer sees 2x2 positions)
+DIGITS_SIZE, DIGITS_STAGES = 16, 3
 
 
-def pretrained_path() -> str:
-    return f"./trained_params/SEW_ResNet_{DATASET}_fp32_pretrained.pth"
+def pretrained_path(dataset: str = DATASET) -> str:
+    return f"./trained_params/SEW_ResNet_{dataset}_fp32_pretrained.pth"
 
 
-def prequantized_path(quant: str) -> str:
-    return f"./trained_params/SEW_ResNet_{DATASET}_{quant}_cbp_prequantized.pth"
+def prequantized_path(quant: str, dataset: str = DATASET) -> str:
+    return f"./trained_params/SEW_ResNet_{dataset}_{quant}_cbp_prequantized.pth"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp-reference-clip", action="store_true",
                    help="under --amp clip the still-scaled gradients, as the reference did")
     p.add_argument("--pretrained", default=None, help=f"fp32 weights (default {pretrained_path()})")
+    p.add_argument("--dataset", default=DATASET, choices=[DATASET, "DIGITS"],
+                   help="DIGITS: the embedded digits as 16x16 two-polarity event frames "
+                        "(no --data-path; a 4-stage net with 10 outputs)")
     return p
 
 
@@ -89,6 +95,8 @@ def check(args: argparse.Namespace) -> None:
 
 def run_name(args: argparse.Namespace, fp32: bool) -> str:
     name = f"{args.model}_b{args.batch_size}_T{args.T}"
+    if args.dataset != DATASET:
+        name = f"{args.dataset}_{name}"
     if args.T_train:
         name += f"_Ttrain{args.T_train}"
     if args.weight_decay:
@@ -106,11 +114,21 @@ def main(argv=None, fp32: bool = False) -> None:
     check(args)
     import q_smodels
 
+    digits = args.dataset == "DIGITS"
+    shape = (dict(in_size=DIGITS_SIZE, num_classes=10, stages=DIGITS_STAGES) if digits else {})
+
     def build(mode):
         builder = getattr(q_smodels, args.model)
         if args.model == "SEWResNet":
-            return builder(args.connect_f, mode, width=args.width)
-        return builder(mode, width=args.width)
+            return builder(args.connect_f, mode, width=args.width, **shape)
+        return builder(mode, width=args.width, **shape)
+
+    def datasets():
+        if digits:
+            from cbp.data import digits_dvs
+
+            return (digits_dvs(True, args.T, DIGITS_SIZE), digits_dvs(False, args.T, DIGITS_SIZE))
+        return data.dvs128_gesture(args.data_path, args.T)
 
     out = run_name(args, fp32)
     tb = args.tb
@@ -127,26 +145,28 @@ def main(argv=None, fp32: bool = False) -> None:
              "train_acc5": s.train_acc5},
             {"test_loss": s.test_loss, "test_acc1": s.test_acc1, "test_acc5": s.test_acc5}),
         args_txt=out + "_logs/args.txt" if tb else None,
-        final_weights=pretrained_path() if fp32 else prequantized_path(args.quant),
+        final_weights=(pretrained_path(args.dataset) if fp32
+                       else prequantized_path(args.quant, args.dataset)),
     )
     settings = engine.Settings(
         epochs=args.epochs, lr=args.lr, lr_lambda=args.lr_lambda, momentum=args.momentum,
         weight_decay=args.weight_decay, adam=args.adam, amp=args.amp,
         amp_reference_clip=args.amp_reference_clip, period=args.period, T_train=args.T_train,
         print_freq=args.print_freq, resume=args.resume or None, start_epoch=args.start_epoch)
+    src = "--dataset DIGITS" if digits else f"--data-path {args.data_path}"
     fp32_cmd = (f"python main_train_fp32.py --model {args.model} --connect_f {args.connect_f} "
-                f"--data-path {args.data_path} --T {args.T}")
+                f"{src} --T {args.T}")
     cbp_cmd = (f"python main_quantize_cbp.py --tb --amp --model {args.model} --connect_f "
-               f"{args.connect_f} --data-path {args.data_path} --quant {args.quant}")
+               f"{args.connect_f} {src} --quant {args.quant}")
     pipeline = engine.Pipeline(
         build_model=build,
-        datasets=lambda: data.dvs128_gesture(args.data_path, args.T),
+        datasets=datasets,
         layout=layout, settings=settings, quant=None if fp32 else args.quant, seed=args.seed,
         device=args.device, batch_size=args.batch_size, workers=args.workers,
         test_only=args.test_only,
-        pretrained=args.pretrained or pretrained_path(),
+        pretrained=args.pretrained or pretrained_path(args.dataset),
         pretrained_hint=f"download it from {engine.DRIVE} or create it with: {fp32_cmd}",
-        prequantized=prequantized_path(args.quant),
+        prequantized=prequantized_path(args.quant, args.dataset),
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         sync_bn=args.sync_bn, dist_url=args.dist_url,
     )

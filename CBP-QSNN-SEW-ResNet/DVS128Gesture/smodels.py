@@ -10,15 +10,18 @@ from sewcommon.dvsnets import DVS128_LAYERS, ResNetN, layers, scaled  # noqa: E4
 NUM_CLASSES = 11
 
 
-def SEWResNet(connect_f, width: float = 1.0, in_size: int = 128) -> ResNetN:
-    return ResNetN(scaled(DVS128_LAYERS, width), NUM_CLASSES, connect_f, None, in_size)
+def SEWResNet(connect_f, width: float = 1.0, in_size: int = 128,
+              num_classes: int = NUM_CLASSES, stages: int = 7) -> ResNetN:
+    return ResNetN(scaled(DVS128_LAYERS, width, stages), num_classes, connect_f, None, in_size)
 
 
-def PlainNet(width: float = 1.0, in_size: int = 128) -> ResNetN:
-    net = scaled(layers([32] * 7, [1] * 7, "plain"), width)
-    return ResNetN(net, NUM_CLASSES, None, None, in_size)
+def PlainNet(width: float = 1.0, in_size: int = 128,
+             num_classes: int = NUM_CLASSES, stages: int = 7) -> ResNetN:
+    net = scaled(layers([32] * 7, [1] * 7, "plain"), width, stages)
+    return ResNetN(net, num_classes, None, None, in_size)
 
 
-def SpikingResNet(width: float = 1.0, in_size: int = 128) -> ResNetN:
-    net = scaled(layers([32] * 7, [1] * 7, "basic"), width)
-    return ResNetN(net, NUM_CLASSES, None, None, in_size)
+def SpikingResNet(width: float = 1.0, in_size: int = 128,
+                  num_classes: int = NUM_CLASSES, stages: int = 7) -> ResNetN:
+    net = scaled(layers([32] * 7, [1] * 7, "basic"), width, stages)
+    return ResNetN(net, num_classes, None, None, in_size)

@@ -87,8 +87,11 @@ class BasicBlock(nn.Module):
         return self.sn(x + self.conv(x))
 
 
-def scaled(layer_list: list[dict], width: float) -> list[dict]:
-    """Multiply every channel count by ``width`` (at least 1 channel); 1.0 leaves it unchanged."""
+def scaled(layer_list: list[dict], width: float, stages: int | None = None) -> list[dict]:
+    """Multiply every channel count by ``width`` (at least 1 channel; 1.0 leaves it unchanged)
+    and keep the first ``stages`` stages (each halves H and W: all 7 for the 128x128 sensor,
+    fewer for smaller inputs such as 16x16 DIGITS frames; None keeps all)."""
+    layer_list = layer_list[:stages]
     if width == 1.0:
         return layer_list
     out = []
