@@ -274,7 +274,9 @@ def main(argv=None) -> None:
                                for i in range(args.trials)):
         raise UserError(f"cannot resume: {names(args, 0)['last']} not found "
                         "(run without --resume first)")
-    E.require_ann(args)
+    if not args.resume or not all(os.path.isfile(names(args, i)["last"])
+                                  for i in range(args.trials)):
+        E.require_ann(args)  # a trial still has to be converted from the ANN
     train_loader, test_loader = E.loaders(args, device)
     for trial in range(args.trials):
         cbp_trial(args, trial, train_loader, test_loader, device, show)

@@ -156,6 +156,7 @@ def test_calibration_and_cbp_outputs(run_dir):
 def test_resume_continues_like_an_uninterrupted_run(run_dir, tmp_path, monkeypatch):
     resumed = copy_run(run_dir, tmp_path / "resumed")
     fresh = copy_run(run_dir, tmp_path / "fresh", only_ann=True)
+    (resumed / ANN_CKPT).unlink()  # resuming needs only the run's own checkpoint
     monkeypatch.chdir(resumed)
     code, out, err = inproc(CBPMAIN, CBP_ARGS + ["-epochs", "3", "--resume"])
     assert code == 0, err

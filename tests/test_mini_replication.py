@@ -1,0 +1,133 @@
+"""The miniature replication: job ordering, result reuse, the table, the figure, the README
+block, and one real (tiny) pipeline run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mini_replication as mr  # noqa: E402
+
+FAKE = """
+import sys, time, pathlib
+args = sys.argv[1:]
+mode = args[args.index('--quant') + 1] if '--quant' in args else 'fp32'
+if 'eval' in args:
+    with open('order.txt', 'a') as f:
+        f.write('eval ' + mode + chr(10))
+    print('Test Accuracy:', {'bin': 90.0, 'ter': 91.5, '1bit': 92.0, '2bit': 93.0}[mode])
+    print('CFS: 0.0123  weight memory: 0.5000 Mbit')
+elif mode == 'fp32':
+    time.sleep(0.3)
+    with open('order.txt', 'a') as f:
+        f.write('fp32' + chr(10))
+    print('Best Test Accuracy : 95.5; pretrained weights in x')
+else:
+    if not pathlib.Path('order.txt').read_text().startswith('fp32'):
+        sys.exit('fp32 did not run first')
+    if mode == '2bit' and '--fail' in args:
+        print('error: boom', file=sys.stderr)
+        sys.exit(1)
+    print('trained', mode)
+"""
+
+
+def fake_pipeline(tmp_path: Path, fail: bool = False) -> mr.Pipeline:
+    script_dir = tmp_path / "scripts"
+    script_dir.mkdir(exist_ok=True)
+    (script_dir / "fake.py").write_text(FAKE)
+    extra = ["--fail"] if fail else []
+    return mr.Pipeline(
+        "STBP", str(script_dir), "fake net", 4, "1 / 1", ["fake.py", "--mode", "train"],
+        re.compile(r"Best Test Accuracy : ([0-9.]+)"),
+        lambda m, s: ["fake.py", "--mode", "train", "--quant", m, *extra],
+        lambda m, s, cwd: ["fake.py", "--mode", "eval", "--quant", m],
+        mr._seed_flag("--seed"), seeds=(0, 1))
+
+
+def test_runner_orders_jobs_reuses_results_and_reports(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake_pipeline(tmp_path)})
+    res = mr.replicate(["STBP"], None, str(tmp_path / "out"), jobs=2, force=False)
+    assert set(res["STBP"]) == {0, 1}
+    for seed in (0, 1):
+        runs = res["STBP"][seed]
+        assert runs["fp32"]["acc"] == 95.5
+        assert runs["ter"]["acc"] == 91.5 and runs["ter"]["cfs"] == 0.0123
+        assert runs["bin"]["mbit"] == 0.5
+        order = (tmp_path / "out" / "STBP" / f"seed{seed}" / "order.txt").read_text().split()
+        assert order[0] == "fp32" and order.count("eval") == 4
+        saved = json.loads((tmp_path / "out" / "STBP" / f"seed{seed}" / "1bit.json").read_text())
+        assert saved["acc"] == 92.0
+    # a second call reuses every result without running anything
+    (tmp_path / "scripts" / "fake.py").write_text("import sys; sys.exit(3)")
+    again = mr.replicate(["STBP"], None, str(tmp_path / "out"), jobs=1, force=False)
+    assert again["STBP"][1]["2bit"]["acc"] == 93.0
+    text = mr.markdown(again, 61.0, 2)
+    row = [ln for ln in text.splitlines() if ln.startswith("| STBP")][0].split(" | ")
+    assert row[4:10] == ["2", "95.50 ± 0.00", "90.00 ± 0.00", "91.50 ± 0.00", "92.00 ± 0.00",
+                         "93.00 ± 0.00"]
+    assert "0.5000 / 0.5000 / 0.5000 / 0.5000" in text and "1.0 min" in text
+
+
+def test_failed_job_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake_pipeline(tmp_path, fail=True)})
+    res = mr.replicate(["STBP"], (0,), str(tmp_path / "out"), jobs=2, force=False)
+    assert res["STBP"][0]["2bit"] is None and res["STBP"][0]["1bit"]["acc"] == 92.0
+    assert "error: boom" in capsys.readouterr().err
+    assert "| — |" in mr.markdown(res, 1.0, 2)  # the 2bit cell
+
+
+def test_cells_figure_and_readme_block(tmp_path):
+    assert mr._cell([]) == "—" and mr._cell([93.25]) == "93.25"
+    assert mr._cell([90.0, 92.0, 94.0]) == "92.00 ± 2.00"  # sample standard deviation
+    # the calibration pipeline's fp32 column comes from the CBP runs' converted SNN
+    per_seed = {0: {"fp32": {"acc": None}, "bin": {"acc": 60.0, "fp32_acc": 62.5}}}
+    assert mr._accs(per_seed, "fp32") == [62.5]
+    results = {"STBP": {0: {"fp32": {"acc": 95.0}, "bin": {"acc": 94.0}},
+                        1: {"fp32": {"acc": 93.0}, "bin": {"acc": 92.0}}},
+               "SNN-Calibration": per_seed}
+    png = tmp_path / "fig.png"
+    assert mr.figure(results, str(png)) and png.read_bytes()[:4] == b"\x89PNG"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{mr.README_START}\nold\n{mr.README_END}\ntail\n")
+    mr.update_readme(str(readme), "| new |\n")
+    assert readme.read_text() == f"# x\n{mr.README_START}\n| new |\n{mr.README_END}\ntail\n"
+
+
+def test_readme_has_the_block():
+    text = (ROOT / "README.md").read_text()
+    assert mr.README_START in text and mr.README_END in text
+    assert "mini_replication.png" in text
+
+
+def test_tiny_sew_pipeline_end_to_end(tmp_path, monkeypatch):
+    """The real SEW-ResNet scripts on DIGITS events at minimal size: fp32 -> bin -> eval."""
+    real = mr.pipelines()["SEW-ResNet"]
+    net = ["--dataset", "DIGITS", "--model", "SEWResNet", "--connect_f", "ADD", "--T", "2",
+           "--width", "0.125", "-b", "128", "-j", "0"]
+    tiny = mr.Pipeline(
+        real.name, real.folder, real.network, 2, "1 / 1",
+        ["main_train_fp32.py", *net, "--epochs", "1", "--lr", "0.1"], real.fp32_acc,
+        lambda m, s: ["main_quantize_cbp.py", *net, "--epochs", "1", "--lr", "0.01",
+                      "--quant", m, "--period", "1"],
+        lambda m, s, cwd: ["main_quantize_cbp.py", *net, "--test-only", "--quant", m],
+        real.seeded)
+    monkeypatch.setattr(mr, "pipelines", lambda: {"SEW-ResNet": tiny})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = mr.replicate(["SEW-ResNet"], (0,), str(tmp_path), jobs=1, force=False,
+                       modes=("bin",))
+    runs = res["SEW-ResNet"][0]
+    assert 0 < runs["fp32"]["acc"] <= 100 and 0 < runs["bin"]["acc"] <= 100
+    assert runs["bin"]["cfs"] > 0
+    # 1 bit per quantized weight plus the fp32 first conv and output layer
+    assert 0 < runs["bin"]["mbit"] < 0.01
+    assert os.path.isfile(tmp_path / "SEW-ResNet" / "seed0" / "trained_params"
+                          / "SEW_ResNet_DIGITS_bin_cbp_prequantized.pth")
