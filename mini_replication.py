@@ -124,6 +124,7 @@ class Runner:
 
     def __init__(self, out: str, jobs: int, force: bool) -> None:
         self.out, self.force = out, force
+        self.ran = False  # whether any command ran (not only reused results)
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.pool = ThreadPoolExecutor(max_workers=jobs)
         self.lock = threading.Lock()
@@ -135,6 +136,7 @@ class Runner:
         env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS=str(self.threads),
                    MKL_NUM_THREADS=str(self.threads))
         t0 = time.time()
+        self.ran = True
         proc = subprocess.run(full, cwd=cwd, env=env, capture_output=True, text=True)
         with open(os.path.join(cwd, log), "a") as f:
             f.write(f"$ python {' '.join(cmd + device)}\n{proc.stdout}{proc.stderr}\n")
@@ -195,8 +197,9 @@ class Runner:
 
 
 def replicate(names: list[str], seeds: tuple[int, ...] | None, out: str, jobs: int,
-              force: bool, modes: tuple[str, ...] = MODES) -> dict:
-    """{pipeline: {seed: {'fp32': result, mode: result}}} (a result is None if it failed)."""
+              force: bool, modes: tuple[str, ...] = MODES, stats: dict | None = None) -> dict:
+    """{pipeline: {seed: {'fp32': result, mode: result}}} (a result is None if it failed);
+    ``stats['ran']`` tells whether any command ran (rather than every result being reused)."""
     table = pipelines()
     runner = Runner(out, jobs, force)
     fp32: dict = {}
@@ -219,6 +222,8 @@ def replicate(names: list[str], seeds: tuple[int, ...] | None, out: str, jobs: i
             r = None
         results.setdefault(n, {}).setdefault(s, {})[label] = r
     runner.pool.shutdown()
+    if stats is not None:
+        stats["ran"] = runner.ran
     for msg in dict.fromkeys(failures):
         print("failed:", msg, file=sys.stderr)
     return results
@@ -277,22 +282,25 @@ def figure(results: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    bits = [math.log2(LEVEL_COUNT[m]) for m in MODES] + [32.0]
+    bits = [math.log2(LEVEL_COUNT[m]) for m in MODES]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for n, per_seed in results.items():
         xs, ys, es = [], [], []
-        for b, label in zip(bits, (*MODES, "fp32")):
-            vals = _accs(per_seed, label)
+        for b, mode in zip(bits, MODES):
+            vals = _accs(per_seed, mode)
             if vals:
                 xs.append(b)
                 ys.append(statistics.mean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=n)
-    ax.set_xscale("log", base=2)
+        line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=n)
+        fp32 = _accs(per_seed, "fp32")
+        if fp32:  # the fp32 network (32 bits per weight) as a dashed level
+            ax.axhline(statistics.mean(fp32), color=line[0].get_color(), ls="--", lw=1)
     ax.set_xticks(bits)
-    ax.set_xticklabels(["bin\n1", "ter\n1.58", "1bit\n2.32", "2bit\n2.81", "fp32\n32"])
-    ax.set(xlabel="weights (log2 of the number of levels = bits of information per weight)",
-           ylabel="DIGITS test accuracy (%)", title="Miniature replication on DIGITS (CPU)")
+    ax.set_xticklabels([f"{m}\n{b:.2f}" for m, b in zip(MODES, bits)])
+    ax.set(xlabel="bits of information per weight (log2 of the number of levels)",
+           ylabel="DIGITS test accuracy (%)",
+           title="Miniature replication on DIGITS (dashed: fp32)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -331,9 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
+    stats: dict = {}
     results = replicate(args.pipelines, tuple(args.seeds) if args.seeds else None, out,
-                        max(1, args.jobs), args.force, tuple(args.modes))
-    text = markdown(results, time.time() - t0, args.jobs)
+                        max(1, args.jobs), args.force, tuple(args.modes), stats)
+    wall = os.path.join(out, "wall.json")
+    if stats["ran"] or not os.path.isfile(wall):
+        with open(wall, "w") as f:
+            json.dump({"seconds": time.time() - t0, "jobs": args.jobs}, f)
+    with open(wall) as f:
+        timing = json.load(f)  # the wall time of the call that last ran something
+    text = markdown(results, timing["seconds"], timing["jobs"])
     with open(os.path.join(out, "mini_replication.md"), "w") as f:
         f.write(text)
     png = os.path.join(out, "mini_replication.png")

@@ -4,7 +4,7 @@ SNN with constrained backpropagation (CBP), training it directly with BPTT over 
 Examples (working directory = CBP-QSNN-SNN-Calibration/):
     python main_calibration_quantize_cbp.py --dataset CIFAR10 --arch VGG16 --T 32 --calib light --dpath ./datasets --device cuda:0 --opt SGD --quant bin --lr 1e-2 --lr_lambda 1e-3
     python main_calibration_quantize_cbp.py --dataset CIFAR100 --arch VGG16 --T 32 --calib light --dpath ./datasets --device cuda:0 --opt SGD --quant ter --lr 1e-2 --lr_lambda 1e-3
-    python main_calibration_quantize_cbp.py --dataset DIGITS --dpath . --device cpu --width 0.125 --usebn --T 16 --calib light --quant ter --opt Adam --lr 1e-3 --lr_lambda 1e-3 -epochs 6 --trials 1
+    python main_calibration_quantize_cbp.py --dataset DIGITS --dpath . --device cpu --width 0.125 --usebn --T 16 --calib light --quant bin --opt Adam --lr 1e-3 --lr_lambda 1e-3 -epochs 10 --trials 1 --seed 0
 
 Reads ./trained_params/ANN_<arch>_<wBN|woBN>_<DATASET>[_w<width>]_ckpt.pth.  Per trial i writes
 ./logs/<arch>_<DS>_T<T>_<i>_<calib>_ckpt.pth (calibrated SNN), the CBP checkpoints

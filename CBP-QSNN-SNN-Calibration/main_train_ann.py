@@ -3,7 +3,7 @@
 Examples (working directory = CBP-QSNN-SNN-Calibration/):
     python main_train_ann.py --dataset CIFAR10 --arch VGG16 --dpath ./datasets
     python main_train_ann.py --dataset CIFAR100 --arch VGG16 --dpath ./datasets
-    python main_train_ann.py --dataset DIGITS --dpath . --device cpu --width 0.125 --usebn --epochs 3
+    python main_train_ann.py --dataset DIGITS --dpath . --device cpu --width 0.125 --usebn --epochs 10 --seed 0
 
 The best epoch's weights are written as a plain state dict to
 ./trained_params/ANN_VGG16_<wBN|woBN>_<DATASET>[_w<width>]_ckpt.pth (what the calibration script
