@@ -31,14 +31,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from reproduce import ACC, CFS, MBIT, device_args
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODES = ("bin", "ter", "1bit", "2bit")
 LEVEL_COUNT = {"bin": 2, "ter": 3, "1bit": 5, "2bit": 7}
 STBP_SEEDS = (0, 1, 2)
 
-ACC = re.compile(r"(?:Test Accuracy:\s*|Acc@1 = |test_acc=)\s*([0-9]+(?:\.[0-9]+)?)")
-CFS = re.compile(r"(?:CFS:|cfs =)\s*([0-9.eE+-]+)")
-MBIT = re.compile(r"weight memory:?\s*([0-9.]+)\s*Mbit")
 
 
 @dataclass
@@ -131,15 +130,15 @@ class Runner:
 
     def run(self, p: Pipeline, cwd: str, cmd: list[str], log: str) -> str:
         script = os.path.join(ROOT, p.folder, cmd[0])
-        device = ["-device" if p.name == "TSSL-BP" else "--device", "cpu"]
-        full = [sys.executable, script, *cmd[1:], *device]
+        args = device_args(cmd[1:], cuda=False)  # a CPU replication, in each script's flag style
+        full = [sys.executable, script, *args]
         env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS=str(self.threads),
                    MKL_NUM_THREADS=str(self.threads))
         t0 = time.time()
         self.ran = True
         proc = subprocess.run(full, cwd=cwd, env=env, capture_output=True, text=True)
         with open(os.path.join(cwd, log), "a") as f:
-            f.write(f"$ python {' '.join(cmd + device)}\n{proc.stdout}{proc.stderr}\n")
+            f.write(f"$ python {' '.join([cmd[0], *args])}\n{proc.stdout}{proc.stderr}\n")
         with self.lock:
             print(f"[{time.time() - t0:6.0f} s] {p.name} {os.path.basename(cwd)}: "
                   f"{' '.join(cmd[:1] + [a for a in cmd[1:] if a in MODES])}"

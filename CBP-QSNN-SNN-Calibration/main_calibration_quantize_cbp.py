@@ -270,12 +270,11 @@ def main(argv=None) -> None:
         return
     os.makedirs("./logs", exist_ok=True)
     os.makedirs("./progress", exist_ok=True)
-    if args.resume and not any(os.path.isfile(names(args, i)["last"])
-                               for i in range(args.trials)):
+    have_last = [os.path.isfile(names(args, i)["last"]) for i in range(args.trials)]
+    if args.resume and not any(have_last):
         raise UserError(f"cannot resume: {names(args, 0)['last']} not found "
                         "(run without --resume first)")
-    if not args.resume or not all(os.path.isfile(names(args, i)["last"])
-                                  for i in range(args.trials)):
+    if not (args.resume and all(have_last)):
         E.require_ann(args)  # a trial still has to be converted from the ANN
     train_loader, test_loader = E.loaders(args, device)
     for trial in range(args.trials):

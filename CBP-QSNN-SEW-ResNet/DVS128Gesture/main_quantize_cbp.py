@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help=f"fp32 weights (default {pretrained_path()})")
     p.add_argument("--dataset", default=DATASET, choices=[DATASET, "DIGITS"],
                    help="DIGITS: the embedded digits as 16x16 two-polarity event frames "
-                        "(no --data-path; a 4-stage net with 10 outputs)")
+                        "(no --data-path; the first 3 stages, 10 outputs)")
     return p
 
 
