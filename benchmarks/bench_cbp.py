@@ -131,9 +131,7 @@ def main() -> None:
     print("| benchmark | baseline (s) | ours (s) | ratio |")
     print("|---|---|---|---|")
     for name, a, b, r in rows:
-        label = f"{r:.2f}x slower" if "overhead" in name else f"{r:.1f}x faster"
-        if "overhead" in name:
-            label = f"+{(r - 1) * 100:.1f} %"
+        label = f"{(r - 1) * 100:+.1f} %" if "overhead" in name else f"{r:.1f}x faster"
         print(f"| {name} | {a:.3f} | {b:.3f} | {label} |")
 
 
