@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cbp import data as cbp_data
+from cbp.data import CIFAR_MEAN, CIFAR_STD  # CIFAR-10's, used for CIFAR-100 too (reference)
+from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
     UserError,
     nonneg_int,
     positive_float,
     positive_int,
     progress,
-    rng_state,
-    set_rng_state,
-    write_progress,
+    require_file,
 )
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)  # used for CIFAR-100 too, as in the reference
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
-DRIVE = "the authors' Google Drive folder linked from the CBP-QSNN README"
 
 
 def add_common_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -109,32 +105,8 @@ def fp32_command(args) -> str:
     )
 
 
-def require_file(path: str, what: str, hint: str) -> None:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} not found: {hint}")
-
-
-def load_resume(resume: str, last_path: str, model) -> dict:
-    """Load a ``_last.pth`` training state into ``model``, restore the RNG, return the dict."""
-    from cbp.checkpoint import extract_state_dict, load_file, load_into
-
-    path = last_path if resume == "auto" else resume
-    if not os.path.isfile(path):
-        raise UserError(f"cannot resume: {path} not found")
-    state = load_file(path)
-    load_into(model, extract_state_dict(state))
-    set_rng_state(state["rng"])
-    print(f"resumed from {path} at epoch {int(state['epoch']) + 1}")
-    return state
-
-
-def keep_backup(path: str) -> None:
-    """Move an existing file to ``<path>.bak`` before a new run replaces it."""
-    if os.path.isfile(path):
-        os.replace(path, path + ".bak")
-        print(f"existing {path} moved to {path}.bak")
-
-
-
-
-
+def identity(args, script: str, model) -> dict:
+    """What this run's checkpoints belong to (compared on resume)."""
+    return {"pipeline": "STBP", "script": script, "model": type(model).__name__,
+            "dataset": args.dataset, "quant": getattr(args, "quant", "fp32"),
+            "width": float(args.width), "T": int(args.T)}

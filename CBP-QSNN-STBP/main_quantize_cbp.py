@@ -19,9 +19,18 @@ import torch
 
 from cbp import CBP, MODES, clip_gradients, param_groups
 from cbp import cfs as model_cfs
-from cbp.checkpoint import load_into, save_atomic
-from cbp.export import pack_model, save_packed, weight_memory_mbit
-from cbp.runtime import Scalars, gpu_to_device, progress, run_main, seed_everything
+from cbp.checkpoint import load_into
+from cbp.export import pack_model, weight_memory_mbit
+from cbp.run import Run
+from cbp.runtime import (
+    Scalars,
+    gpu_to_device,
+    progress,
+    rng_state,
+    run_main,
+    seed_everything,
+    set_rng_state,
+)
 
 import engine
 from q_model import Q_Conv_SNN
@@ -54,7 +63,7 @@ def evaluate(args, model, test_dl, device, outs) -> None:
            + (f" --width {args.width}" if args.width != 1.0 else ""))
     engine.require_file(path, "prequantized checkpoint",
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
-    load_into(model, path)
+    load_into(model, path, nonfinite="warn")
     _, acc = engine.test(model, test_dl, device, outs, not args.no_progress)
     print(f"Test Accuracy: {acc:.3f}")
     print(f"CFS: {model_cfs(model):.6g}  weight memory: {weight_memory_mbit(model):.4f} Mbit")
@@ -68,7 +77,6 @@ def main(argv=None) -> None:
     train_dl, test_dl, outs = engine.loaders(args)
     model = Q_Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T,
                        mode=args.quant, width=args.width).to(device)
-    show = not args.no_progress
     if args.mode == "eval":
         evaluate(args, model, test_dl, device, outs)
         return
@@ -76,79 +84,100 @@ def main(argv=None) -> None:
     name = f"{args.dataset}_cbp_{args.quant}"
     out_dir, progress_dir = "./checkpoint", "./progress"
     last_path = f"{out_dir}/{name}_last.pth"
+    pre_path = engine.prequantized_path(args.dataset, args.quant)
+    progress_path = f"{progress_dir}/{name}_progress.txt"
+    outputs = [f"{out_dir}/{name}_best.pth", f"{out_dir}/{name}.pth", last_path, pre_path,
+               f"{out_dir}/{name}_packed.pth", progress_path]
+    identity = engine.identity(args, "cbp", model)
     fp32 = args.init_from or engine.pretrained_path(args.dataset)
-    engine.require_file(fp32, "pretrained fp32 checkpoint",
-                        f"download it from {engine.DRIVE} or create it with: {engine.fp32_command(args)}")
-    load_into(model, fp32, allow_missing=(".scale",))
+    with Run(identity, outputs, lr_flag="--learning_rate") as run:
+        state = None
+        if args.resume:
+            path = last_path if args.resume == "auto" else args.resume
+            state = run.resume(path, last_hint=f"resume from {last_path}")
+            load_into(model, state)
+        else:
+            engine.require_file(fp32, "pretrained fp32 checkpoint", f"download it from "
+                                f"{engine.DRIVE} or create it with: {engine.fp32_command(args)}")
+            load_into(model, fp32, allow_missing=(".scale",))
+        train(args, model, train_dl, test_dl, device, outs, run, state, name, progress_path)
 
+
+def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: str,
+          progress_path: str) -> None:
+    out_dir = "./checkpoint"
+    pre_path = engine.prequantized_path(args.dataset, args.quant)
+    show = not args.no_progress
     optimizer = build_optimizer(model, args)
-    cbp = CBP(model, args.learning_rate_lambda, period_max=args.period)  # scales := mean|W_fp32|
+    # scales := mean|W_fp32| (on resume they are overwritten by the checkpoint's)
+    cbp = CBP(model, args.learning_rate_lambda, period_max=args.period,
+              init_scales=state is None)
     rows = [[0.0, 0.0, 0.0, 0.0]]
     best_acc, best_epoch, start_epoch = 0.0, 0, 0
-    if args.resume:
-        state = engine.load_resume(args.resume, last_path, model)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer1"])
-        cbp.load_state_dict(state["cbp"])
+        cbp.load_checkpoint_entries(state)
+        set_rng_state(state["rng"])
         rows = state["progress"].tolist()
         best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         start_epoch = int(state["epoch"]) + 1
+        print(f"resumed from the checkpoint at epoch {start_epoch}")
     else:
         cbp.start()  # initial lambda update with ucs = 0
-
-    pre_path = engine.prequantized_path(args.dataset, args.quant)
-    if not args.resume and args.num_epochs > 0:
-        engine.keep_backup(pre_path)
 
     tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
     for epoch in range(start_epoch, args.num_epochs):
         model.train()
         loss_train = 0.0
-        for images, labels in progress(train_dl, f"epoch {epoch + 1}", enabled=show):
+        for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",
+                                                      enabled=show)):
             model.zero_grad()
             optimizer.zero_grad()
             images, labels = images.to(device), labels.to(device)
             loss = engine.mse_onehot(model(images), labels, outs)
-            lag = loss + cbp.penalty()
-            cbp.accumulate(lag)
-            loss_train = loss_train + loss.detach() / len(train_dl)  # no per-batch sync
+            lag = cbp.lagrangian(loss)
+            run.check_loss(lag, epoch, i)
+            loss_train = loss_train + loss.detach() / len(train_dl)
             lag.backward()
             clip_gradients(model.parameters(), 1.0)
             optimizer.step()
             cbp.clamp_()
-        lagsum_pre = cbp.lagsum_pre
         decision = cbp.end_epoch(optimizer)
-        print(f"Epoch {epoch + 1}/{args.num_epochs} ... lagsum, lagsum_pre = {decision.lagsum},{lagsum_pre}")
+        run.check_epoch(model, epoch, decision.lagsum)
+        print(f"Epoch {epoch + 1}/{args.num_epochs} ... lagsum, lagsum_pre = "
+              f"{decision.lagsum},{decision.compared_to}")
         if decision.updated:
             print(f"Lambda update start at {epoch} epoch")
         _, acc = engine.test(model, test_dl, device, outs, show)
         cfs = cbp.cfs()
         print(f"Epoch {epoch + 1}/{args.num_epochs} ... test_acc, cfs = {acc}, {cfs}")
         rows.append([epoch, cbp.lagsum_pre, acc, cfs])
-        engine.write_progress(f"{progress_dir}/{name}_progress.txt", rows)
         for tag, value in (("loss/train", float(loss_train)), ("lagsum", decision.lagsum),
                            ("accuracy/test", acc), ("cfs", cfs), ("g", cbp.g), ("ucs", cbp.ucs),
                            ("lambda/mean", cbp.lambda_mean()), ("lr", optimizer.param_groups[0]["lr"])):
             tb.add(tag, value, epoch)
-        state = {
+        improved = acc > best_acc
+        if improved:
+            best_acc, best_epoch = acc, epoch
+        entries = cbp.checkpoint_entries()
+        state = {  # the reference's keys
             "epoch": epoch,
             "net": model.state_dict(),
             "optimizer1": optimizer.state_dict(),
-            "optimizer2": cbp.optimizer.state_dict(),
-            "lamb": [lam.detach() for lam in cbp.lambdas],
-            "period": cbp.period,
-            "ucs": cbp.ucs,
-            "g": cbp.g,
+            **{k: entries[k] for k in ("optimizer2", "lamb", "period", "ucs", "g")},
             "progress": torch.tensor(rows, dtype=torch.float64),
         }
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
-            save_atomic(state, f"{out_dir}/{name}_best.pth")
-            save_atomic(model.state_dict(), pre_path)
-            save_packed(pack_model(model), f"{out_dir}/{name}_packed.pth")
+        # the full training state first: a kill after it resumes to the same result
+        run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
+                                 "best_epoch": best_epoch, "rng": rng_state()}),
+                 f"{out_dir}/{name}_last.pth")
+        run.write_table(progress_path, rows)
+        if improved:
+            run.save(state, f"{out_dir}/{name}_best.pth")
+            run.save(model.state_dict(), pre_path)
+            run.save(pack_model(model), f"{out_dir}/{name}_packed.pth")
         else:
-            save_atomic(state, f"{out_dir}/{name}.pth")
-        save_atomic({**state, "cbp": cbp.state_dict(), "best_acc": best_acc, "best_epoch": best_epoch,
-                     "rng": engine.rng_state()}, last_path)
+            run.save(state, f"{out_dir}/{name}.pth")
         print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
     tb.close()
 

@@ -15,8 +15,17 @@ import argparse
 
 import torch
 
-from cbp.checkpoint import load_into, save_atomic
-from cbp.runtime import Scalars, gpu_to_device, progress, run_main, seed_everything
+from cbp.checkpoint import load_into
+from cbp.run import Run
+from cbp.runtime import (
+    Scalars,
+    gpu_to_device,
+    progress,
+    rng_state,
+    run_main,
+    seed_everything,
+    set_rng_state,
+)
 
 import engine
 from model import Conv_SNN, scale_init
@@ -44,7 +53,7 @@ def main(argv=None) -> None:
         path = engine.pretrained_path(args.dataset)
         engine.require_file(path, "pretrained fp32 checkpoint",
                             f"download it from {engine.DRIVE} or create it with: {engine.fp32_command(args)}")
-        load_into(model, path)
+        load_into(model, path, nonfinite="warn")
         loss_test, acc = engine.test(model, test_dl, device, outs, show)
         print(f"Test Loss: {loss_test:.5f}.. ", f"Test Accuracy: {acc:.3f}")
         return
@@ -56,60 +65,71 @@ def main(argv=None) -> None:
 
     out_dir = "./checkpoint"
     last_path = f"{out_dir}/{args.dataset}_last.pth"
-    best_acc, start_epoch = 0.0, 0
-    hist = {"loss_train_hist": [], "loss_test_hist": [], "test_acc_hist": []}
-    if args.resume:
-        state = engine.load_resume(args.resume, last_path, model)
-        optimizer.load_state_dict(state["optimizer"])
-        best_acc, start_epoch = float(state["best_acc"]), int(state["epoch"]) + 1
-        hist = {k: list(state[k]) for k in hist}
-
     pre_path = engine.pretrained_path(args.dataset)
-    if not args.resume and args.num_epochs > start_epoch:
-        engine.keep_backup(pre_path)
+    outputs = [f"{out_dir}/{args.dataset}_best.pth", f"{out_dir}/{args.dataset}.pth", last_path,
+               pre_path]
+    with Run(engine.identity(args, "fp32", model), outputs,
+             lr_flag="--learning_rate") as run:
+        best_acc, start_epoch = 0.0, 0
+        hist = {"loss_train_hist": [], "loss_test_hist": [], "test_acc_hist": []}
+        if args.resume:
+            path = last_path if args.resume == "auto" else args.resume
+            state = run.resume(path, last_hint=f"resume from {last_path}")
+            load_into(model, state)
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            best_acc, start_epoch = float(state["best_acc"]), int(state["epoch"]) + 1
+            hist = {k: list(state[k]) for k in hist}
+            print(f"resumed from {path} at epoch {start_epoch + 1}")
 
-    logdir = f"./runs/{args.dataset}_fp32" if args.logdir is None else args.logdir
-    tb = Scalars(logdir)
-    for epoch in range(start_epoch, args.num_epochs):
-        model.train()
-        running_loss, loss_train = 0.0, 0.0
-        for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}", enabled=show)):
-            model.zero_grad()
-            optimizer.zero_grad()
-            images, labels = images.to(device), labels.to(device)
-            loss = engine.mse_onehot(model(images), labels, outs)
-            running_loss += loss.item() / len(train_dl)
-            loss_train += loss.item() / len(train_dl)
-            if (i + 1) % 100 == 0:
-                print(f"{int(i + 1)} iterations ... running train loss:{running_loss}")
-                running_loss = 0
-            loss.backward()
-            optimizer.step()
-        if epoch % 45 == 0 and epoch > 1:
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.1
-        loss_test, acc = engine.test(model, test_dl, device, outs, show)
-        hist["test_acc_hist"].append(acc)
-        hist["loss_train_hist"].append(loss_train)
-        hist["loss_test_hist"].append(loss_test)
-        print(f"Epoch: {epoch + 1}/{args.num_epochs}.. ",
-              "Learning_rate: {}.. ".format(optimizer.param_groups[0]["lr"]),
-              f"Loss train: {loss_train:.5f}.. ",
-              f"Loss test: {loss_test:.5f}.. ",
-              f"Test Acc: {acc}..")
-        tb.add("loss/train", loss_train, epoch)
-        tb.add("loss/test", loss_test, epoch)
-        tb.add("accuracy/test", acc, epoch)
-        tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
-        state = {"epoch": epoch, "net": model.state_dict(), "optimizer": optimizer.state_dict(), **hist}
-        if acc > best_acc:
-            best_acc = acc
-            save_atomic(state, f"{out_dir}/{args.dataset}_best.pth")
-            save_atomic(model.state_dict(), pre_path)
-        else:
-            save_atomic(state, f"{out_dir}/{args.dataset}.pth")
-        save_atomic({**state, "best_acc": best_acc, "rng": engine.rng_state()}, last_path)
-    tb.close()
+        logdir = f"./runs/{args.dataset}_fp32" if args.logdir is None else args.logdir
+        tb = Scalars(logdir)
+        for epoch in range(start_epoch, args.num_epochs):
+            model.train()
+            running_loss, loss_train = 0.0, 0.0
+            for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",
+                                                          enabled=show)):
+                model.zero_grad()
+                optimizer.zero_grad()
+                images, labels = images.to(device), labels.to(device)
+                loss = engine.mse_onehot(model(images), labels, outs)
+                run.check_loss(loss, epoch, i)
+                running_loss += loss.item() / len(train_dl)
+                loss_train += loss.item() / len(train_dl)
+                if (i + 1) % 100 == 0:
+                    print(f"{int(i + 1)} iterations ... running train loss:{running_loss}")
+                    running_loss = 0
+                loss.backward()
+                optimizer.step()
+            run.check_epoch(model, epoch)
+            if epoch % 45 == 0 and epoch > 1:
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.1
+            loss_test, acc = engine.test(model, test_dl, device, outs, show)
+            hist["test_acc_hist"].append(acc)
+            hist["loss_train_hist"].append(loss_train)
+            hist["loss_test_hist"].append(loss_test)
+            print(f"Epoch: {epoch + 1}/{args.num_epochs}.. ",
+                  "Learning_rate: {}.. ".format(optimizer.param_groups[0]["lr"]),
+                  f"Loss train: {loss_train:.5f}.. ",
+                  f"Loss test: {loss_test:.5f}.. ",
+                  f"Test Acc: {acc}..")
+            tb.add("loss/train", loss_train, epoch)
+            tb.add("loss/test", loss_test, epoch)
+            tb.add("accuracy/test", acc, epoch)
+            tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
+            improved = acc > best_acc
+            best_acc = max(best_acc, acc)
+            state = {"epoch": epoch, "net": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), **hist}
+            run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng_state()}),
+                     last_path)
+            if improved:
+                run.save(state, f"{out_dir}/{args.dataset}_best.pth")
+                run.save(model.state_dict(), pre_path)
+            else:
+                run.save(state, f"{out_dir}/{args.dataset}.pth")
+        tb.close()
     print(f"Best Test Accuracy : {best_acc}; pretrained weights in {pre_path}")
 
 

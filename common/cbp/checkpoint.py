@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .files import save_atomic  # noqa: F401 (re-exported: the one way checkpoints are written)
+
 STATE_DICT_KEYS = ("net", "model", "model_state_dict", "state_dict")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or does not fit the model (message is one readable line)."""
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_file(
@@ -47,7 +34,7 @@ def load_file(
             return torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # unpickling refused or corrupt file
         text = str(exc)
-        if not trust and "Unsupported global" in text:
+        if not trust and "unsupported global" in text.lower():
             raise CheckpointError(
                 f"{path} contains pickled Python objects besides tensors; it is loaded only "
                 "when you trust its source (trust=True)"
@@ -109,6 +96,29 @@ def check_state_dict(
         raise CheckpointError("; ".join(problems))
 
 
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold NaN or infinity."""
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
+def check_finite(state: Mapping[str, Any], where: str, on_bad: str = "error") -> None:
+    """Refuse (``on_bad='error'``) or warn about (``'warn'``) non-finite tensors in ``state``."""
+    if on_bad == "ignore":
+        return
+    bad = nonfinite_tensors(state)
+    if not bad:
+        return
+    text = f"{where} holds non-finite values (NaN/inf) in {_short(bad)}"
+    if on_bad == "error":
+        raise CheckpointError(text + "; it comes from a diverged run and cannot be used")
+    warnings.warn(text, stacklevel=3)
+    print(f"warning: {text}")
+
+
 def _short(items: list[str], n: int = 6) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
@@ -120,14 +130,18 @@ def load_into(
     *,
     allow_missing: tuple[str, ...] = (),
     trust: bool = False,
+    nonfinite: str = "error",
 ) -> dict[str, torch.Tensor]:
     """Load a checkpoint (path or object, any accepted format) into ``model``.
 
     Keys matching ``allow_missing`` suffixes keep the model's values.  Returns the state dict
     that was applied.  Raises ``CheckpointError`` with one explanatory line on any mismatch.
+    Tensors holding NaN/inf are refused (``nonfinite='error'``, for weights training starts
+    from) or reported (``'warn'``, for evaluation).
     """
     obj = load_file(source, trust=trust) if isinstance(source, str) else source
     state = extract_state_dict(obj)
+    check_finite(state, source if isinstance(source, str) else "the checkpoint", nonfinite)
     try:
         check_state_dict(model, state, allow_missing)
     except CheckpointError as exc:

@@ -7,8 +7,7 @@ schedule state (g, ucs, period, lagsum_pre).  A training loop uses it as::
     cbp.start()                               # initial lambda update at ucs = 0
     for epoch ...:
         for batch ...:
-            lag = task_loss + cbp.penalty()   # sum of lambda * Y(W; ucs)
-            cbp.accumulate(lag)
+            lag = cbp.lagrangian(task_loss)   # task_loss + sum(lambda * Y(W; ucs)), into lagsum
             lag.backward(); clip_gradients(model.parameters(), 1.0)
             optimizer.step(); cbp.clamp_()
         decision = cbp.end_epoch(optimizer)   # g / ucs / lr / lambda update
@@ -45,7 +44,8 @@ class EpochDecision:
 
     updated: bool
     lagsum: float
-    lagsum_pre: float
+    lagsum_pre: float  # after the decision (LAGSUM_INIT when lambda was updated)
+    compared_to: float  # the previous lagsum_pre that this epoch's lagsum was compared with
     g: int
     ucs: float
     lr_decayed: bool
@@ -182,6 +182,13 @@ class CBP:
             total = term if total is None else total + term
         return total
 
+    def lagrangian(self, loss: Tensor) -> Tensor:
+        """The batch's Lagrangian ``loss + sum(lambda * Y(W; ucs))``, added to this epoch's
+        lagsum: the one call a training step needs."""
+        lag = loss + self.penalty()
+        self.accumulate(lag)
+        return lag
+
     def accumulate(self, lag: Tensor) -> None:
         """Add a batch's Lagrangian to this epoch's lagsum (no host sync)."""
         v = lag.detach().reshape(-1).sum().double()
@@ -225,6 +232,7 @@ class CBP:
     def end_epoch(self, optimizer: torch.optim.Optimizer | None = None) -> EpochDecision:
         """After each epoch: maybe advance g/ucs, decay the weight lr once, update lambda."""
         lagsum = self.epoch_lagsum()
+        compared_to = self.lagsum_pre
         self.period += 1
         decayed = False
         if lagsum >= self.lagsum_pre or self.period == self.period_max:
@@ -242,7 +250,7 @@ class CBP:
         else:
             self.lagsum_pre = lagsum
             updated = False
-        return EpochDecision(updated, lagsum, self.lagsum_pre, self.g, self.ucs, decayed)
+        return EpochDecision(updated, lagsum, self.lagsum_pre, compared_to, self.g, self.ucs, decayed)
 
     # ----------------------------------------------------------------- metrics
     def cfs(self) -> float:
@@ -266,6 +274,37 @@ class CBP:
             "num_updates": self.num_updates,
             "names": [t.name for t in self.targets],
         }
+
+    def checkpoint_entries(self) -> dict:
+        """What a training checkpoint stores of the controller, each value once: the
+        reference's keys (``lamb``, ``optimizer2``, ``lagsum_pre``, ``period``, ``ucs``, ``g``)
+        plus the rest of the schedule under ``cbp``."""
+        return {
+            "lamb": [lam.detach().clone() for lam in self.lambdas],
+            "optimizer2": self.optimizer.state_dict(),
+            "lagsum_pre": self.lagsum_pre,
+            "period": self.period,
+            "ucs": self.ucs,
+            "g": self.g,
+            "cbp": {
+                "started": self.started,
+                "lr_decayed": self.lr_decayed,
+                "num_updates": self.num_updates,
+                "names": [t.name for t in self.targets],
+            },
+        }
+
+    def load_checkpoint_entries(self, state: dict) -> None:
+        """Restore from :meth:`checkpoint_entries` (or an older checkpoint holding the whole
+        :meth:`state_dict` under ``cbp``, or the reference's keys alone)."""
+        inner = state.get("cbp") or {}
+        if "lambdas" in inner:
+            self.load_state_dict(inner)
+            return
+        self.load_state_dict({
+            "lambdas": state["lamb"], "optimizer": state["optimizer2"], "g": state["g"],
+            "ucs": state["ucs"], "period": state["period"],
+            "lagsum_pre": state.get("lagsum_pre", LAGSUM_INIT), "started": True, **inner})
 
     def load_state_dict(self, state: dict) -> None:
         lams = state["lambdas"]

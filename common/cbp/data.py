@@ -25,6 +25,13 @@ CIFAR_URLS = {
 }
 
 
+# per-channel normalisation used by the pipelines' CIFAR transforms
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class DatasetMissing(RuntimeError):
     """A dataset is not on disk (message says what to download and where to put it)."""
 

@@ -12,7 +12,6 @@ ints, strs, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .files import save_atomic
 from .functional import quantize, quantize_codes
 from .levels import bits, check_mode, levels
 from .nn import quantized_modules
@@ -163,24 +163,14 @@ def pack_model(model: nn.Module, quantized: Quantized | None = None) -> dict[str
 
 
 def save_packed(model_or_packed: nn.Module | Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write a packed model atomically (temp file in the same directory, then ``os.replace``)."""
+    """Write a packed model atomically (:func:`cbp.files.save_atomic`)."""
     if isinstance(model_or_packed, nn.Module):
         packed = pack_model(model_or_packed)
     else:
         _check_format(model_or_packed)
         packed = dict(model_or_packed)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(packed, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_atomic(packed, os.fspath(path))
     return path
 
 

@@ -67,13 +67,25 @@ def gpu_to_device(gpu: str | None, device: str | None) -> torch.device:
     return select_device(None)
 
 
-def seed_everything(seed: int | None) -> None:
-    """Seed python, numpy and torch (no-op for None)."""
-    if seed is None:
-        return
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+def seed_everything(seed: int | None, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch on every device (no-op for None).  ``deterministic``
+    also asks cuDNN for deterministic kernels (and no autotuning)."""
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def require_file(path: str, what: str, hint: str) -> None:
+    """``what path not found: hint`` as a user error when ``path`` is not a file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found: {hint}")
+
+
+CHECKPOINT_SOURCE = "the authors' Google Drive folder linked from the CBP-QSNN README"
 
 
 def positive_int(text: str) -> int:
@@ -131,8 +143,16 @@ class Scalars:
 
 
 def rng_state() -> dict:
-    """torch (and CUDA) RNG state, saved with a checkpoint so a resumed run shuffles alike."""
-    state = {"torch": torch.get_rng_state()}
+    """torch, CUDA, numpy and python RNG states as tensors and plain lists (loadable with
+    ``weights_only``), saved with a checkpoint so a resumed run draws the same numbers."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(py_state[1]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -140,16 +160,21 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if isinstance(state.get("numpy"), list):  # older layout: the full numpy/python tuples
+        n, p = state["numpy"], state["python"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+        random.setstate((p[0], tuple(p[1]), p[2]))
+    elif "numpy" in state:
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
+                             int(state["numpy_pos"]), 0, 0.0))
+    if "python" in state:
+        random.setstate((3, tuple(int(v) for v in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_progress(path: str, rows: Iterable[Iterable[float]]) -> None:
-    """Write a progress table atomically: tab-separated floats, no header, no index (the
-    reference's pandas ``to_csv(sep='\\t', header=False, index=False)`` output)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write("\t".join(str(float(v)) for v in row) + "\n")
-    os.replace(tmp, path)
+    """Write a progress table atomically (see :func:`cbp.files.write_table`)."""
+    from .files import write_table
+
+    write_table(path, rows)

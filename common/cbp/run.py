@@ -1,0 +1,190 @@
+"""The life of one training run: what it may write, when, and how it stops.
+
+Every pipeline's training loop is a thin script over :class:`Run`::
+
+    with Run(identity, outputs, lr_flag="--lr") as run:
+        state = run.resume(path) if resuming else None     # checked: same pipeline/model/mode
+        for epoch ...:
+            for batch, (x, y) in enumerate(loader):
+                lag = ctl.lagrangian(loss_fn(model(x), y))
+                run.check_loss(lag, epoch, batch)          # NaN/inf: stop at once
+                ...
+            run.check_epoch(model, epoch, decision.lagsum)
+            run.save(run.checkpoint(state), last_path)     # atomic; the first replacement of
+            run.save(model.state_dict(), best_path)        # a file from before the run keeps
+                                                           # it as <name>.bak
+The rules it enforces:
+
+* Nothing is written before an epoch has finished with finite loss, lagsum and weights; a
+  non-finite value stops the run with :class:`Diverged` (one line naming epoch, batch, value
+  and the learning-rate flag) and every file from before the run is left as it was.
+* Every write is atomic and durable (:mod:`cbp.files`); the first time the run replaces a file
+  that existed before it, that file is kept as ``<name>.bak`` (older backups are numbered, never
+  removed).  A resumed run continues its own files and makes no new backups.
+* One run per output: a second run that would write the same files stops with one line; a lock
+  left by a killed run is taken over.
+* Only the main process (rank 0) locks and writes; the others train in step with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import CheckpointError, check_finite, load_file
+from .files import OutputLock, promote, save_atomic, write_table
+from .runtime import UserError
+
+
+class Diverged(UserError):
+    """Training produced NaN or infinity; the run stops and writes nothing more."""
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value.detach()).all())
+    return math.isfinite(float(value))
+
+
+def _nonfinite_in(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors (nested in dicts/lists) holding NaN or infinity."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return [prefix or "tensor"] if bad else []
+    out: list[str] = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out += _nonfinite_in(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += _nonfinite_in(v, f"{prefix}[{i}]")
+    return out
+
+
+class Run:
+    """One training run's outputs, checks and checkpoint identity.
+
+    ``identity`` names what the checkpoints belong to (pipeline, model, dataset, quantization
+    mode, width, ...): it is stored in every checkpoint and compared on resume.  ``outputs``
+    are the files the run writes (locked for its duration).  ``lr_flag`` is the option the
+    divergence message suggests lowering.
+    """
+
+    def __init__(self, identity: Mapping[str, Any], outputs: Iterable[str], *,
+                 lr_flag: str = "--lr", resumed: bool = False) -> None:
+        self.identity = {k: _plain(v) for k, v in identity.items()}
+        self.outputs = [os.fspath(p) for p in outputs]
+        self.lr_flag = lr_flag
+        self.main = D.is_main_process()
+        self._lock = OutputLock(self.outputs) if self.main else None
+        # a resumed run continues its own files: nothing of them to keep
+        self._replaced: set[str] = set(self.outputs) if resumed else set()
+
+    # ------------------------------------------------------------------ lifetime
+    def __enter__(self) -> Run:
+        if self._lock is not None:
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def continue_files(self) -> None:
+        """Treat the outputs as this run's own (after a resume): no backups are made."""
+        self._replaced.update(self.outputs)
+
+    # ------------------------------------------------------------------ checks
+    def check_loss(self, value: torch.Tensor | float, epoch: int, batch: int) -> None:
+        """Stop with :class:`Diverged` when the batch's loss / Lagrangian is not finite."""
+        if not _finite(value):
+            v = float(value.detach().float().sum()) if isinstance(value, torch.Tensor) else value
+            raise Diverged(
+                f"training diverged at epoch {epoch}, batch {batch}: loss = {v}; no file was "
+                f"written for this epoch (try a lower learning rate, {self.lr_flag})"
+            )
+
+    def check_epoch(self, model: nn.Module, epoch: int, lagsum: float | None = None) -> None:
+        """Before anything of the epoch is written: finite lagsum and finite parameters."""
+        if lagsum is not None and not math.isfinite(lagsum):
+            raise Diverged(
+                f"training diverged at epoch {epoch}: lagsum = {lagsum}; no file was written "
+                f"for this epoch (try a lower learning rate, {self.lr_flag})"
+            )
+        bad = [n for n, p in model.named_parameters() if not _finite(p)]
+        if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise Diverged(
+                f"training diverged at epoch {epoch}: non-finite weights in "
+                f"{', '.join(bad[:3])}{more}; no file was written for this epoch "
+                f"(try a lower learning rate, {self.lr_flag})"
+            )
+
+    # ------------------------------------------------------------------ writing
+    def checkpoint(self, state: Mapping[str, Any]) -> dict:
+        """``state`` plus this run's identity (what :meth:`resume` compares)."""
+        return {**state, "run": dict(self.identity)}
+
+    def save(self, obj: Any, path: str) -> None:
+        """Write a checkpoint (main process only): refused if it holds NaN/inf; the first
+        replacement of a file from before the run keeps that file as ``<path>.bak``."""
+        if not self.main:
+            return
+        bad = _nonfinite_in(obj)
+        if bad:
+            raise Diverged(
+                f"not writing {path}: non-finite values in {', '.join(bad[:3])}; no earlier "
+                f"file was changed (try a lower learning rate, {self.lr_flag})"
+            )
+        self._write(path, lambda p: save_atomic(obj, p))
+
+    def write_table(self, path: str, rows: Iterable[Iterable[float]]) -> None:
+        """Write a progress table (main process only), backed up like :meth:`save`."""
+        if not self.main:
+            return
+        rows = [list(r) for r in rows]
+        self._write(path, lambda p: write_table(p, rows))
+
+    def _write(self, path: str, write) -> None:
+        path = os.fspath(path)
+        bak = promote(path, write, self._replaced)
+        if bak is not None:
+            print(f"existing {path} kept as {bak}")
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, path: str, *, last_hint: str, trust: bool = False,
+               safe: tuple = ()) -> dict:
+        """Load a resumable checkpoint of this run: it must hold a training state (``epoch``,
+        ``rng``), finite tensors, and an identity equal to this run's."""
+        if not os.path.isfile(path):
+            raise UserError(f"cannot resume: {path} not found ({last_hint})")
+        state = load_file(path, trust=trust, safe=safe)
+        if not isinstance(state, Mapping) or "epoch" not in state or "rng" not in state:
+            raise UserError(f"cannot resume from {path}: it holds no training state "
+                            f"(weights only?); {last_hint}")
+        theirs = state.get("run")
+        if isinstance(theirs, Mapping):
+            diff = [f"{k} {theirs.get(k)!r} (this run: {v!r})"
+                    for k, v in self.identity.items() if k in theirs and theirs[k] != v]
+            if diff:
+                raise UserError(f"cannot resume from {path}: it belongs to another run: "
+                                + ", ".join(diff))
+        bad = _nonfinite_in({k: v for k, v in state.items() if k != "rng"})
+        if bad:
+            raise CheckpointError(f"cannot resume from {path}: non-finite values (NaN/inf) in "
+                                  f"{', '.join(bad[:3])}; it comes from a diverged run")
+        self.continue_files()
+        return dict(state)
+
+
+def _plain(v: Any) -> Any:
+    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
+__all__ = ["Diverged", "Run", "check_finite"]
