@@ -15,24 +15,47 @@ from torch.utils.data import DataLoader
 
 from cbp import MODES
 from cbp import data as cbp_data
+from cbp.data import CIFAR_MEAN, CIFAR_STD
+from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
     UserError,
     nonneg_int,
     positive_float,
     progress,
-    rng_state,
-    set_rng_state,
-    write_progress,
+    require_file,
 )
 
 from functions import loss_f, tsslbp
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 DATASETS = ("CIFAR10", "DIGITS")
-DRIVE = "the authors' Google Drive folder linked from the CBP-QSNN README"
 REQUIRED_NETWORK_KEYS = ("epochs", "batch_size", "n_steps", "dataset", "lr", "loss", "n_class",
                          "tau_m", "tau_s")
+# Network keys with a numeric value: (kind, lower bound, bound inclusive)
+NUMERIC_KEYS = {
+    "epochs": (int, 0, True), "epochs_fp32": (int, 0, True), "batch_size": (int, 1, True),
+    "n_steps": (int, 1, True), "n_class": (int, 1, True), "image_size": (int, 1, True),
+    "period_max": (int, 1, True), "desired_count": (int, 0, True),
+    "undesired_count": (int, 0, True), "lr": (float, 0, False), "lr_fp32": (float, 0, False),
+    "lr_lambda": (float, 0, False), "tau_m": (float, 0, False), "tau_s": (float, 0, False),
+}
+
+
+def check_numbers(net: dict, path: str) -> list[str]:
+    """One message per Network key whose value is not a number in its range."""
+    bad = []
+    for key, (kind, low, inclusive) in NUMERIC_KEYS.items():
+        if key not in net:
+            continue
+        v = net[key]
+        ok_type = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if kind is int:
+            ok_type = ok_type and float(v).is_integer()
+        ok = ok_type and (v >= low if inclusive else v > low) and v == v and v != float("inf")
+        if not ok:
+            what = ("an integer" if kind is int else "a number") + \
+                (f" >= {low}" if inclusive else f" > {low}")
+            bad.append(f"{path}: Network.{key} must be {what}, got {v!r}")
+    return bad
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +80,24 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<name>; '' disables)")
     p.add_argument("-no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("-resume", "--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="train: resume (default: this run's ./checkpoint/<name>_last.pth)")
+
+
+def resume_path(args, last_path: str) -> str | None:
+    """The checkpoint a training run resumes from: ``-resume [PATH]`` or the reference's
+    ``-checkpoint PATH``."""
+    if args.resume:
+        return last_path if args.resume == "auto" else args.resume
+    return args.checkpoint or None
+
+
+def identity(params: parse, script: str, dataset: str) -> dict:
+    """What this run's checkpoints belong to (compared on resume)."""
+    net = params["Network"]
+    return {"pipeline": "TSSL-BP", "script": script, "dataset": dataset,
+            "quant": net.get("mode") if script == "cbp" else "fp32",
+            "n_steps": int(net["n_steps"])}
 
 
 def load_config(path: str | None, quant: str | None = None) -> parse:
@@ -75,6 +116,9 @@ def load_config(path: str | None, quant: str | None = None) -> parse:
     missing = [k for k in REQUIRED_NETWORK_KEYS if k not in net]
     if missing:
         raise UserError(f"{path}: Network lacks {', '.join(missing)}")
+    bad = check_numbers(net, path)
+    if bad:
+        raise UserError("\nerror: ".join(bad))
     if quant is not None:
         net["mode"] = quant
     mode = net.get("mode")
@@ -168,24 +212,24 @@ def repeat_time(images: torch.Tensor, T: int) -> torch.Tensor:
 
 def train_epoch(net: Network, loader: DataLoader, loss_fn: loss_f.SpikeLoss,
                 optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                penalty=None, after_step=None, show: bool = True) -> tuple[float, float]:
+                cbp=None, run=None, show: bool = True) -> tuple[float, float]:
     """One epoch; returns (task loss per sample, train accuracy %).
 
-    ``penalty()`` (e.g. ``CBP.penalty``) is added to the loss and the sum handed to
-    ``after_step`` (before backward) for bookkeeping.  All weights take part in the gradient-norm
+    With a ``cbp.CBP`` controller the minimised loss is its Lagrangian (kept in its lagsum);
+    ``run.check_loss`` stops on a non-finite value.  All weights take part in the gradient-norm
     clipping (max 1) and are clamped by ``weight_clipper`` after each step.
     """
     net.train()
     T = int(net.network_config["n_steps"])
     loss_sum, correct, total = 0.0, 0, 0
-    for images, labels in progress(loader, f"epoch {epoch}", enabled=show):
+    for i, (images, labels) in enumerate(progress(loader, f"epoch {epoch}", enabled=show)):
         x = repeat_time(images.to(device, torch.float32), T)
         labels = labels.to(device)
         outputs = net(x, epoch, True)
         loss = loss_fn(outputs, labels)
-        lag = loss + penalty() if penalty is not None else loss
-        if after_step is not None:
-            after_step(lag)
+        lag = cbp.lagrangian(loss) if cbp is not None else loss
+        if run is not None:
+            run.check_loss(lag, epoch, i)
         net.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         lag.backward()
@@ -222,11 +266,6 @@ def pretrained_path(dataset: str) -> str:
 
 def prequantized_path(dataset: str, mode: str) -> str:
     return f"./trained_params/TSSL_BP_{dataset}_{mode}_cbp_prequantized.pth"
-
-
-def require_file(path: str, what: str, hint: str) -> None:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} not found: {hint}")
 
 
 def split_state(state: dict) -> tuple[dict, dict]:

@@ -24,9 +24,10 @@ import torch
 from cnns import Network
 
 from cbp import CBP, MODES, cfs
-from cbp.checkpoint import extract_state_dict, load_file, save_atomic
-from cbp.export import pack_state_dict, save_packed
-from cbp.runtime import Scalars, UserError, run_main, seed_everything
+from cbp.checkpoint import check_finite, extract_state_dict, load_file
+from cbp.export import pack_state_dict
+from cbp.run import Run
+from cbp.runtime import Scalars, UserError, rng_state, run_main, seed_everything, set_rng_state
 
 import engine
 from functions import loss_f
@@ -57,6 +58,7 @@ def load_fp32_scales(net: Network, path: str, hint: str) -> None:
     """Load the fp32 weights and set every scale to mean |W_fp32| (the reference's start-up)."""
     engine.require_file(path, "pretrained fp32 checkpoint", hint)
     state = extract_state_dict(load_file(path))
+    check_finite(state, path)
     engine.load_weights(net, state, path)
     net.set_scales(None)
 
@@ -69,6 +71,7 @@ def evaluate(args, params, net: Network, test_dl, device, dataset: str, log) -> 
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
     obj = load_file(path)
     state = extract_state_dict(obj)
+    check_finite(state, path, "warn")
     _, scales = engine.split_state(state)
     if not scales and isinstance(obj, dict) and isinstance(obj.get("scales"), dict):
         scales = dict(obj["scales"])  # a full training checkpoint (_last.pth, progress/*.pth)
@@ -130,22 +133,35 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
           log, show: bool) -> None:
     net_cfg = params["Network"]
     ds, mode = net_cfg["dataset"], net_cfg["mode"]
+    epochs = int(net_cfg["epochs"])
     last_path = f"./checkpoint/{save_name}_last.pth"
     pre_path = engine.prequantized_path(ds, mode)
     progress_path = f"./progress/{ds}_{mode}.txt"
+    snapshots = [f"./progress/{ds}_{mode}_{e}.pth" for e in range(0, epochs, SAVE_EVERY)]
+    outputs = [last_path, pre_path, progress_path, f"./checkpoint/{save_name}.pth",
+               f"./checkpoint/{save_name}_packed.pth", *snapshots]
+    resume = engine.resume_path(args, last_path)
+    with Run(engine.identity(params, "cbp", dataset), outputs, lr_flag="-lr") as run:
+        state = None
+        if resume:
+            state = run.resume(resume, last_hint=f"resume from {last_path} or a "
+                               "./progress/*.pth snapshot")
+            if "cbp" not in state and "lamb" not in state:
+                raise UserError(f"{resume} is not a CBP checkpoint; resume from {last_path}")
+            engine.load_weights(net, state["net"], resume)
+            net.set_scales(state["scales"])
+            print(f"resumed from {resume} at epoch {int(state['epoch']) + 1}")
+        else:
+            load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset),
+                             fp32_hint(args))
+        _train(args, net_cfg, net, train_dl, test_dl, device, save_name, log, show, run, state,
+               last_path, pre_path, progress_path)
 
-    if args.checkpoint:  # resume: weights, scales, optimizers, CBP schedule, progress
-        engine.require_file(args.checkpoint, "checkpoint to resume from",
-                            f"use a ./checkpoint/{save_name}_last.pth or ./progress/*.pth file")
-        state = load_file(args.checkpoint)
-        if not isinstance(state, dict) or "cbp" not in state:
-            raise UserError(f"{args.checkpoint} is not a full CBP checkpoint (no 'cbp' entry); "
-                            f"resume from ./checkpoint/{save_name}_last.pth")
-        engine.load_weights(net, state["net"], args.checkpoint)
-        net.set_scales(state["scales"])
-    else:
-        load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset), fp32_hint(args))
 
+def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: str, log,
+           show: bool, run: Run, state, last_path: str, pre_path: str,
+           progress_path: str) -> None:
+    ds, mode = net_cfg["dataset"], net_cfg["mode"]
     qweights = [net.my_parameters[i] for i in net.q_layers_list]
     optimizer = torch.optim.AdamW(qweights, lr=float(net_cfg["lr"]))
     ctl = CBP(net.quant_targets(), float(net_cfg.get("lr_lambda", 1e-4)),
@@ -153,19 +169,15 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
               lr_decay_g=None, clamp=1.0, init_scales=False)
     rows = [[0.0, 0.0, 0.0]]
     best_acc, best_epoch, start = 0.0, 0, 0
-    if args.checkpoint:
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        ctl.load_state_dict(state["cbp"])
+        ctl.load_checkpoint_entries(state)
         rows = state["progress"].tolist()
         best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         start = int(state["epoch"]) + 1
-        engine.set_rng_state(state["rng"])
-        print(f"resumed from {args.checkpoint} at epoch {start}")
+        set_rng_state(state["rng"])
     else:
         ctl.start()  # initial lambda update with ucs = 0
-        if os.path.isfile(pre_path) and int(net_cfg["epochs"]) > 0:
-            os.replace(pre_path, pre_path + ".bak")
-            print(f"existing {pre_path} moved to {pre_path}.bak")
 
     loss_fn = loss_f.SpikeLoss(net_cfg)
     tb = Scalars(f"./runs/{save_name}" if args.logdir is None else args.logdir)
@@ -173,14 +185,14 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
     for e in range(start, int(net_cfg["epochs"])):
         log.info("\nEpoch: %d", e)
         loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
-                                             penalty=ctl.penalty, after_step=ctl.accumulate,
-                                             show=show)
+                                             cbp=ctl, run=run, show=show)
         max_train_acc, min_loss = max(max_train_acc, train_acc), min(min_loss, loss)
         log.info("Train Accuracy: %.3f (%.3f). Loss: %.3f (%.3f)\n", train_acc, max_train_acc,
                  loss, min_loss)
-        lagsum_pre = ctl.lagsum_pre
         decision = ctl.end_epoch(optimizer)
-        log.info("Epoch %d... // lagsum, lagsum_pre = %s, %s", e, decision.lagsum, lagsum_pre)
+        run.check_epoch(net, e, decision.lagsum)
+        log.info("Epoch %d... // lagsum, lagsum_pre = %s, %s", e, decision.lagsum,
+                 decision.compared_to)
         if decision.updated:
             log.info("lambda update ....")
         acc = engine.test(net, test_dl, device, show)
@@ -190,7 +202,6 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
         log.info("Test Accuracy: %.3f (%.3f).\n", acc, best_acc)
         cfs_value = ctl.cfs()
         rows.append([float(e), acc, cfs_value])
-        engine.write_progress(progress_path, rows)
         print(f"epoch {e}: loss {loss:.4f} train {train_acc:.2f}% test {acc:.2f}% "
               f"(best {best_acc:.2f}% @ {best_epoch}) lagsum {decision.lagsum:.6g} "
               f"g {ctl.g} ucs {ctl.ucs:.3f} CFS {cfs_value:.6g}"
@@ -199,27 +210,27 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
                             ("accuracy/test", acc), ("lagsum", decision.lagsum), ("cfs", cfs_value),
                             ("g", ctl.g), ("ucs", ctl.ucs), ("lambda/mean", ctl.lambda_mean())):
             tb.add(name, value, e)
+        full = run.checkpoint({
+            "net": net.state_dict(), "scales": net.scales(), "epoch": e,
+            "optimizer": optimizer.state_dict(), **ctl.checkpoint_entries(),
+            "progress": torch.tensor(rows, dtype=torch.float64),
+            "best_acc": best_acc, "best_epoch": best_epoch, "rng": rng_state(),
+        })
+        # the full training state first: a kill after it resumes to the same result
+        run.save(full, last_path)
+        run.write_table(progress_path, rows)
         weights = {**net.state_dict(), **net.scales()}
         if improved:  # ties save too, as the reference's early stopping does
-            save_atomic({"net": weights, "accuracy": acc, "epoch": e},
-                        f"./checkpoint/{save_name}.pth")
-            save_atomic(weights, pre_path)
+            run.save({"net": weights, "accuracy": acc, "epoch": e},
+                     f"./checkpoint/{save_name}.pth")
+            run.save(weights, pre_path)
             spec = {t.name: (t.scale, t.mode) for t in ctl.targets}
-            save_packed(pack_state_dict(net.state_dict(), spec),
-                        f"./checkpoint/{save_name}_packed.pth")
-        full = {
-            "net": net.state_dict(), "scales": net.scales(), "epoch": e,
-            "optimizer": optimizer.state_dict(), "cbp": ctl.state_dict(),
-            "lamb": [lam.detach() for lam in ctl.lambdas], "lagsum_pre": ctl.lagsum_pre,
-            "period": ctl.period, "ucs": ctl.ucs, "g": ctl.g,
-            "progress": torch.tensor(rows, dtype=torch.float64),
-            "best_acc": best_acc, "best_epoch": best_epoch, "rng": engine.rng_state(),
-        }
+            run.save(pack_state_dict(net.state_dict(), spec),
+                     f"./checkpoint/{save_name}_packed.pth")
         if e % SAVE_EVERY == 0:
-            save_atomic({**full, "model_state_dict": net.state_dict(),
-                         "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
-                        f"./progress/{ds}_{mode}_{e}.pth")
-        save_atomic(full, last_path)
+            run.save({**full, "model_state_dict": net.state_dict(),
+                      "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
+                     f"./progress/{ds}_{mode}_{e}.pth")
     tb.close()
     log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")

@@ -16,12 +16,12 @@ main_quantize_cbp.py loads, and as {net, loss (= test acc %), epoch} to
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from cbp.checkpoint import extract_state_dict, load_file, save_atomic
-from cbp.runtime import Scalars, UserError, run_main, seed_everything
+from cbp.checkpoint import check_finite, extract_state_dict, load_file
+from cbp.run import Run
+from cbp.runtime import Scalars, UserError, rng_state, run_main, seed_everything, set_rng_state
 
 import engine
 from functions import loss_f
@@ -54,7 +54,9 @@ def main(argv=None) -> None:
         path = args.checkpoint or pre_path
         engine.require_file(path, "fp32 checkpoint",
                             f"create it with: python main_train_fp32.py -config {args.config}")
-        engine.load_weights(net, extract_state_dict(load_file(path)), path)
+        state = extract_state_dict(load_file(path))
+        check_finite(state, path, "warn")
+        engine.load_weights(net, state, path)
         acc = engine.test(net, test_dl, device, show)
         log.info("Test Accuracy: %.3f", acc)
         print("Test Accuracy: ", acc)
@@ -62,49 +64,46 @@ def main(argv=None) -> None:
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     last_path = f"./checkpoint/{name}_last.pth"
-    best_acc, best_epoch, start = 0.0, 0, 0
-    if args.checkpoint:
-        engine.require_file(args.checkpoint, "checkpoint to resume from",
-                            f"use ./checkpoint/{name}_last.pth")
-        state = load_file(args.checkpoint)
-        engine.load_weights(net, extract_state_dict(state), args.checkpoint)
-        if isinstance(state, dict) and "optimizer" in state:  # full state: continue exactly
+    outputs = [last_path, pre_path, f"./checkpoint/{name}.pth"]
+    resume = engine.resume_path(args, last_path)
+    with Run(engine.identity(params, "fp32", dataset), outputs, lr_flag="-lr") as run:
+        best_acc, best_epoch, start = 0.0, 0, 0
+        if resume:
+            state = run.resume(resume, last_hint=f"resume from {last_path}")
+            engine.load_weights(net, extract_state_dict(state), resume)
             optimizer.load_state_dict(state["optimizer"])
             best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
             start = int(state["epoch"]) + 1
-            engine.set_rng_state(state["rng"])
-        print(f"resumed from {args.checkpoint} at epoch {start}")
-    elif os.path.isfile(pre_path) and epochs > 0:
-        os.replace(pre_path, pre_path + ".bak")
-        print(f"existing {pre_path} moved to {pre_path}.bak")
-
-    if epochs <= start:
-        raise UserError(f"nothing to do: {epochs} epochs, starting at epoch {start}")
-    loss_fn = loss_f.SpikeLoss(net_cfg)
-    tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
-    for e in range(start, epochs):
-        log.info("\nEpoch: %d", e)
-        loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
-                                             show=show)
-        acc = engine.test(net, test_dl, device, show)
-        improved = acc >= best_acc
-        if acc > best_acc:
-            best_acc, best_epoch = acc, e
-        log.info("Train Accuracy: %.3f. Loss: %.3f", train_acc, loss)
-        log.info("Test Accuracy: %.3f (%.3f).", acc, best_acc)
-        print(f"epoch {e}: loss {loss:.4f} train {train_acc:.2f}% test {acc:.2f}% "
-              f"(best {best_acc:.2f}% @ {best_epoch})")
-        tb.add("loss/train", loss, e)
-        tb.add("accuracy/train", train_acc, e)
-        tb.add("accuracy/test", acc, e)
-        if improved:
-            save_atomic({"net": net.state_dict(), "loss": acc, "epoch": e},
-                        f"./checkpoint/{name}.pth")
-            save_atomic(net.state_dict(), pre_path)
-        save_atomic({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": e,
-                     "best_acc": best_acc, "best_epoch": best_epoch, "rng": engine.rng_state()},
-                    last_path)
-    tb.close()
+            set_rng_state(state["rng"])
+            print(f"resumed from {resume} at epoch {start}")
+        if epochs <= start:
+            raise UserError(f"nothing to do: {epochs} epochs, starting at epoch {start}")
+        loss_fn = loss_f.SpikeLoss(net_cfg)
+        tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
+        for e in range(start, epochs):
+            log.info("\nEpoch: %d", e)
+            loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
+                                                 run=run, show=show)
+            run.check_epoch(net, e)
+            acc = engine.test(net, test_dl, device, show)
+            improved = acc >= best_acc
+            if acc > best_acc:
+                best_acc, best_epoch = acc, e
+            log.info("Train Accuracy: %.3f. Loss: %.3f", train_acc, loss)
+            log.info("Test Accuracy: %.3f (%.3f).", acc, best_acc)
+            print(f"epoch {e}: loss {loss:.4f} train {train_acc:.2f}% test {acc:.2f}% "
+                  f"(best {best_acc:.2f}% @ {best_epoch})")
+            tb.add("loss/train", loss, e)
+            tb.add("accuracy/train", train_acc, e)
+            tb.add("accuracy/test", acc, e)
+            run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
+                                     "rng": rng_state()}), last_path)
+            if improved:
+                run.save({"net": net.state_dict(), "loss": acc, "epoch": e},
+                         f"./checkpoint/{name}.pth")
+                run.save(net.state_dict(), pre_path)
+        tb.close()
     log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
 

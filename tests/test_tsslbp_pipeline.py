@@ -338,7 +338,7 @@ def test_resume_continues_exactly(trained, tmp_path):
     (["-mode", "eval"], ["prequantized checkpoint",
                          "TSSL_BP_DIGITS_bin_cbp_prequantized.pth not found"]),
     (["-mode", "train"], ["TSSL_BP_DIGITS_fp32_pretrained.pth not found", "main_train_fp32.py"]),
-    (["-mode", "train", "-checkpoint", "nope.pth"], ["checkpoint to resume from nope.pth"]),
+    (["-mode", "train", "-checkpoint", "nope.pth"], ["cannot resume: nope.pth not found"]),
 ])
 def test_missing_files_are_one_clear_line(tmp_path, monkeypatch, capsys, argv, fragments):
     cfg = tiny_config(tmp_path)
