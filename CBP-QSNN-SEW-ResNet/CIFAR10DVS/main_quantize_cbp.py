@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", default=4, type=nonneg_int, help="data loading workers")
     p.add_argument("-data_dir", default="./datasets/CIFAR10DVS")
     p.add_argument("-out_dir", default="./logs")
-    p.add_argument("-resume", default=None, help="checkpoint to resume from")
+    p.add_argument("-resume", "--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="resume training (default PATH: the run's checkpoint_latest.pth)")
     p.add_argument("-test-only", action="store_true", dest="test_only")
     p.add_argument("-amp", action="store_true")
     p.add_argument("-opt", default="SGD", choices=["SGD", "Adam"])
@@ -104,6 +105,7 @@ def main(argv=None, fp32: bool = False) -> None:
         tb_scalars=lambda s: ({"train_loss": s.train_loss, "train_acc": s.train_acc1 * pct},
                               {"test_loss": s.test_loss, "test_acc": s.test_acc1 * pct}),
         args_txt=os.path.join(out, "args.txt"),
+        lr_flag="-lr",
         final_weights=pretrained_path() if fp32 else prequantized_path(args.quant),
     )
     settings = engine.Settings(
@@ -129,6 +131,7 @@ def main(argv=None, fp32: bool = False) -> None:
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         drop_last_train=True, test_only_report=report,
     )
+    pipeline.dataset = "CIFAR10DVS"
     engine.execute(pipeline, args)
 
 

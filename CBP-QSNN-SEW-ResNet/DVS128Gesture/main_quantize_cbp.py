@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight decay on the conv/linear weights")
     p.add_argument("--print-freq", default=64, type=nonneg_int)
     p.add_argument("--output-dir", default="./logs")
-    p.add_argument("--resume", default="", help="checkpoint to resume from (checkpoint_latest.pth)")
+    p.add_argument("--resume", nargs="?", const="auto", default="", metavar="PATH",
+                   help="resume training (default PATH: the run's checkpoint_latest.pth)")
     p.add_argument("--start-epoch", default=0, type=nonneg_int, metavar="N")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (distributed, CUDA)")
     p.add_argument("--test-only", action="store_true")
@@ -170,6 +171,7 @@ def main(argv=None, fp32: bool = False) -> None:
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         sync_bn=args.sync_bn, dist_url=args.dist_url,
     )
+    pipeline.dataset = args.dataset
     engine.execute(pipeline, args)
 
 

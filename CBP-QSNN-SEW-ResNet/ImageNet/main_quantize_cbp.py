@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wd", "--weight-decay", default=0.0, type=float, dest="weight_decay")
     p.add_argument("--print-freq", default=10, type=nonneg_int)
     p.add_argument("--output-dir", default=".")
-    p.add_argument("--resume", default="", help="checkpoint to resume from (checkpoint_latest.pth)")
+    p.add_argument("--resume", nargs="?", const="auto", default="", metavar="PATH",
+                   help="resume training (default PATH: the run's checkpoint_latest.pth)")
     p.add_argument("--start-epoch", default=0, type=nonneg_int, metavar="N")
     p.add_argument("--cache-dataset", action="store_true",
                    help="cache the ImageFolder file lists in ~/.torch/vision/datasets/imagefolder")
@@ -167,6 +168,7 @@ def main(argv=None, fp32: bool = False) -> None:
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         sync_bn=args.sync_bn, dist_url=args.dist_url,
     )
+    pipeline.dataset = "ImageNet"
     engine.execute(pipeline, args)
 
 

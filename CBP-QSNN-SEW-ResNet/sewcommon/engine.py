@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +25,20 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import cbp
 from cbp import distributed as D
 from cbp.checkpoint import CheckpointError, extract_state_dict, load_file, load_into, save_atomic
-from cbp.export import pack_model, save_packed, weight_memory_mbit
-from cbp.runtime import Scalars, UserError, progress, select_device, write_progress
+from cbp.export import pack_model, weight_memory_mbit
+from cbp.run import Run
+from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401 (used by the scripts)
+from cbp.runtime import (
+    Scalars,
+    progress,
+    require_file,
+    rng_state,
+    seed_everything,
+    select_device,
+    set_rng_state,
+)
 
 from .neurons import configure_backend, reset_net
-
-DRIVE = "the authors' Google Drive folder linked from the CBP-QSNN README"
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -76,14 +83,6 @@ def init_distributed(dist_url: str = "env://", device: str | None = None) -> boo
     return D.is_distributed()
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
 def loaders(train_set: Dataset, test_set: Dataset, batch_size: int, workers: int,
             distributed: bool, drop_last_train: bool = False, device: torch.device | None = None
             ) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
@@ -105,11 +104,6 @@ def loaders(train_set: Dataset, test_set: Dataset, batch_size: int, workers: int
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def require_file(path: str, what: str, hint: str) -> None:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} not found: {hint}")
-
-
 def load_checkpoint_file(path: str):
     """Weights-only load that also accepts an ``argparse.Namespace`` inside (the upstream
     SEW-ResNet checkpoints store one)."""
@@ -127,28 +121,6 @@ def load_pretrained(model: nn.Module, path: str, hint: str) -> None:
         load_into(model, state, allow_missing=(".scale",))
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -190,6 +162,18 @@ class Layout:
     args_txt: str | None = None
     final_weights: str | None = None  # best weights as a plain state dict (what later runs load)
     final_wrap: bool = False  # store final_weights as {'model': state} (upstream style)
+    identity: dict | None = None  # what the checkpoints belong to (compared on resume)
+    lr_flag: str = "--lr"
+
+    def outputs(self, epochs: int, quant: str | None) -> list[str]:
+        """Every file a training run of ``epochs`` epochs writes (rank 0)."""
+        files = [os.path.join(self.ckpt_dir, n) for n in ("checkpoint_latest.pth", self.best_name)]
+        files += [os.path.join(self.ckpt_dir, f"checkpoint_{e}.pth")
+                  for e in range(epochs) if self.keep_epoch(e, epochs)]
+        files += [self.progress_file] + [f for f in (self.args_txt, self.final_weights) if f]
+        if quant:
+            files.append(os.path.join(self.ckpt_dir, f"packed_{quant}.pth"))
+        return files
 
 
 @dataclass
@@ -248,7 +232,8 @@ def _reduce(values: list[float], device: torch.device) -> list[float]:
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     controller: cbp.CBP | None, scaler: torch.amp.GradScaler,
-                    device: torch.device, s: Settings, epoch: int) -> tuple[float, float, float]:
+                    device: torch.device, s: Settings, epoch: int,
+                    run: Run | None = None) -> tuple[float, float, float]:
     """One epoch; returns (mean CE loss, top-1 %, top-5 %) over all ranks.  With a CBP
     controller the loss that is minimised is the Lagrangian, and the epoch's lagsum is kept by
     the controller."""
@@ -264,10 +249,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with _autocast(device, s.amp):
             out = model(x)
             loss = F.cross_entropy(out, y)
-        lag = loss
-        if controller is not None:
-            lag = loss.float() + controller.penalty()
-            controller.accumulate(lag)
+        lag = controller.lagrangian(loss.float()) if controller is not None else loss
+        if run is not None:
+            run.check_loss(lag, epoch, i)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(lag).backward()
         if controller is not None:
@@ -316,7 +300,7 @@ def test_only(model: nn.Module, path: str, hint: str, loader: DataLoader,
               device: torch.device, show: bool = True) -> tuple[float, float, float]:
     """Load the prequantized (or any plain) state dict strictly and evaluate it."""
     require_file(path, "checkpoint", hint)
-    load_into(model, load_checkpoint_file(path))
+    load_into(model, load_checkpoint_file(path), nonfinite="warn")
     return evaluate(model, loader, device, show)
 
 
@@ -325,8 +309,17 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         train_sampler, device: torch.device, s: Settings, layout: Layout,
         args: argparse.Namespace, quant: str | None) -> dict:
     """Train for ``s.epochs`` epochs (CBP when ``quant`` is set, fp32 otherwise) and write the
-    layout's files on rank 0.  ``model`` already holds the starting weights.  Returns the final
-    summary (max test acc etc.)."""
+    layout's files on rank 0 through :class:`cbp.run.Run`.  ``model`` already holds the starting
+    weights.  Returns the final summary (max test acc etc.)."""
+    identity = layout.identity or {"pipeline": "SEW-ResNet"}
+    with Run(identity, layout.outputs(s.epochs, quant), lr_flag=layout.lr_flag) as r:
+        return _run(model, train_loader, test_loader, train_sampler, device, s, layout, args,
+                    quant, r)
+
+
+def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
+         train_sampler, device: torch.device, s: Settings, layout: Layout,
+         args: argparse.Namespace, quant: str | None, r: Run) -> dict:
     distributed = D.is_distributed()
     main = D.is_main_process()
     optimizer = build_optimizer(model, s)
@@ -346,17 +339,13 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
     best = {"max_test_acc1": -1.0, "test_acc5_at_max_test_acc1": 0.0}
     start_epoch = s.start_epoch
     if s.resume:
-        state = load_checkpoint_file(s.resume)
+        latest = os.path.join(layout.ckpt_dir, "checkpoint_latest.pth")
+        state = r.resume(s.resume, last_hint=f"resume from {latest}",
+                         safe=(argparse.Namespace,), needs=("epoch", "progress"))
         load_into(model, extract_state_dict(state))
         optimizer.load_state_dict(state["optimizer1" if controller else "optimizer"])
         if controller is not None:
-            if "cbp" in state:
-                controller.load_state_dict(state["cbp"])
-            else:  # a checkpoint in the reference's format
-                controller.load_state_dict({
-                    "lambdas": state["lamb"], "optimizer": state["optimizer2"], "g": state["g"],
-                    "ucs": state["ucs"], "period": state["period"],
-                    "lagsum_pre": state["lagsum_pre"], "started": True})
+            controller.load_checkpoint_entries(state)
         if scheduler is not None and "lr_scheduler" in state:
             scheduler.load_state_dict(state["lr_scheduler"])
         if "scaler" in state and s.amp:
@@ -374,14 +363,8 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
     tb_train = Scalars(layout.tb_train if main else None)
     same = layout.tb_test == layout.tb_train
     tb_test = tb_train if same else Scalars(layout.tb_test if main else None)
-    if main and layout.args_txt:
-        os.makedirs(os.path.dirname(layout.args_txt), exist_ok=True)
-        with open(layout.args_txt, "w") as f:
-            f.write(str(args))
-    if main and layout.final_weights and not s.resume and os.path.isfile(layout.final_weights) \
-            and s.epochs > start_epoch:
-        os.replace(layout.final_weights, layout.final_weights + ".bak")
-        print(f"existing {layout.final_weights} moved to {layout.final_weights}.bak")
+    if layout.args_txt:
+        r.write_text(layout.args_txt, str(args))
 
     last = None
     for epoch in range(start_epoch, s.epochs):
@@ -390,18 +373,18 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         t0 = time.time()
         st = Stats(epoch)
         st.train_loss, st.train_acc1, st.train_acc5 = train_one_epoch(
-            net, train_loader, optimizer, controller, scaler, device, s, epoch)
+            net, train_loader, optimizer, controller, scaler, device, s, epoch, r)
         if controller is not None:
-            before = controller.lagsum_pre
             decision = controller.end_epoch(optimizer)
             st.lagsum = decision.lagsum
-            print(f"epoch={epoch} lagsum_pre={before} lagsum={decision.lagsum}")
+            print(f"epoch={epoch} lagsum_pre={decision.compared_to} lagsum={decision.lagsum}")
             if decision.updated:
                 print(f"lambda update... g={controller.g} ucs={controller.ucs:.4f}"
                       + (" (weight lr x0.1)" if decision.lr_decayed else ""))
             st.lagsum_pre = controller.lagsum_pre
         else:
             scheduler.step()
+        r.check_epoch(model, epoch, st.lagsum)
         st.test_loss, st.test_acc1, st.test_acc5 = evaluate(net, test_loader, device, s.show)
         st.cfs = controller.cfs() if controller is not None else cbp.cfs(model)
         print(f" * Acc@1 = {st.test_acc1:.3f}, Acc@5 = {st.test_acc5:.3f}, "
@@ -414,7 +397,6 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         last = st
         if not main:
             continue
-        write_progress(layout.progress_file, rows)
         if layout.tb_scalars is not None:
             train_sc, test_sc = layout.tb_scalars(st)
             for k, v in train_sc.items():
@@ -435,24 +417,24 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
             **best,
         }
         if controller is not None:
-            cstate = controller.state_dict()
             state.update({"optimizer1": optimizer.state_dict(),
-                          "optimizer2": cstate["optimizer"], "lamb": cstate["lambdas"],
-                          "lagsum_pre": controller.lagsum_pre, "period": controller.period,
-                          "ucs": controller.ucs, "g": controller.g, "cbp": cstate})
+                          **controller.checkpoint_entries()})
         else:
             state.update({"optimizer": optimizer.state_dict(),
                           "lr_scheduler": scheduler.state_dict()})
-        save_atomic(state, os.path.join(layout.ckpt_dir, "checkpoint_latest.pth"))
+        state = r.checkpoint(state)
+        # the full training state first: a kill after it resumes to the same result
+        r.save(state, os.path.join(layout.ckpt_dir, "checkpoint_latest.pth"))
+        r.write_table(layout.progress_file, rows)
         if layout.keep_epoch(epoch, s.epochs):
-            save_atomic(state, os.path.join(layout.ckpt_dir, f"checkpoint_{epoch}.pth"))
+            r.save(state, os.path.join(layout.ckpt_dir, f"checkpoint_{epoch}.pth"))
         if improved:
-            save_atomic(state, os.path.join(layout.ckpt_dir, layout.best_name))
+            r.save(state, os.path.join(layout.ckpt_dir, layout.best_name))
             if layout.final_weights:
                 sd = model.state_dict()
-                save_atomic({"model": sd} if layout.final_wrap else sd, layout.final_weights)
+                r.save({"model": sd} if layout.final_wrap else sd, layout.final_weights)
             if controller is not None:  # low-bit export of the best weights
-                save_packed(pack_model(model), os.path.join(layout.ckpt_dir, f"packed_{quant}.pth"))
+                r.save(pack_model(model), os.path.join(layout.ckpt_dir, f"packed_{quant}.pth"))
     tb_train.close()
     if not same:
         tb_test.close()
@@ -492,6 +474,7 @@ class Pipeline:
     sync_bn: bool = False
     dist_url: str = "env://"
     test_only_report: Callable[[float, float, float], None] | None = None
+    dataset: str = ""
 
 
 def on_main_first(fn: Callable[[], object]) -> object:
@@ -510,7 +493,7 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
     """The whole script: distributed set-up, seed, data, model, then test-only or training."""
     distributed = init_distributed(p.dist_url, p.device)
     device = resolve_device(p.device)
-    seed_all(p.seed)
+    seed_everything(p.seed, deterministic=True)
     print(args)
     train_set, test_set = on_main_first(p.datasets)
     train_loader, test_loader, sampler = loaders(
@@ -535,6 +518,13 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
             print(f"cfs = {cbp.cfs(model):.6g}; weight memory "
                   f"{weight_memory_mbit(model):.4f} Mbit ({mode})")
         return {"test_loss": loss, "test_acc1": acc1, "test_acc5": acc5}
+    connect = getattr(args, "connect_f", None) or getattr(args, "cnf", None)
+    p.layout.identity = {"pipeline": "SEW-ResNet", "dataset": p.dataset,
+                         "model": type(model).__name__, "connect_f": connect,
+                         "quant": mode or "fp32", "width": float(getattr(args, "width", 1.0)),
+                         "T": getattr(args, "T", None)}
+    if p.settings.resume == "auto":
+        p.settings.resume = os.path.join(p.layout.ckpt_dir, "checkpoint_latest.pth")
     if mode and not p.settings.resume:
         load_pretrained(model, p.pretrained, p.pretrained_hint)
     return run(model, train_loader, test_loader, sampler, device, p.settings, p.layout, args,

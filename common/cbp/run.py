@@ -38,7 +38,7 @@ from torch import nn
 
 from . import distributed as D
 from .checkpoint import CheckpointError, check_finite, load_file
-from .files import OutputLock, promote, save_atomic, write_table
+from .files import OutputLock, promote, save_atomic, write_table, write_text_atomic
 from .runtime import UserError
 
 
@@ -151,6 +151,11 @@ class Run:
         rows = [list(r) for r in rows]
         self._write(path, lambda p: write_table(p, rows))
 
+    def write_text(self, path: str, text: str) -> None:
+        """Write a small text file (main process only), backed up like :meth:`save`."""
+        if self.main:
+            self._write(path, lambda p: write_text_atomic(p, text))
+
     def _write(self, path: str, write) -> None:
         path = os.fspath(path)
         bak = promote(path, write, self._replaced)
@@ -158,14 +163,14 @@ class Run:
             print(f"existing {path} kept as {bak}")
 
     # ------------------------------------------------------------------ resume
-    def resume(self, path: str, *, last_hint: str, trust: bool = False,
-               safe: tuple = ()) -> dict:
-        """Load a resumable checkpoint of this run: it must hold a training state (``epoch``,
-        ``rng``), finite tensors, and an identity equal to this run's."""
+    def resume(self, path: str, *, last_hint: str, trust: bool = False, safe: tuple = (),
+               needs: tuple[str, ...] = ("epoch", "rng")) -> dict:
+        """Load a resumable checkpoint of this run: it must hold a training state (the keys
+        ``needs``), finite tensors, and an identity equal to this run's."""
         if not os.path.isfile(path):
             raise UserError(f"cannot resume: {path} not found ({last_hint})")
         state = load_file(path, trust=trust, safe=safe)
-        if not isinstance(state, Mapping) or "epoch" not in state or "rng" not in state:
+        if not isinstance(state, Mapping) or any(k not in state for k in needs):
             raise UserError(f"cannot resume from {path}: it holds no training state "
                             f"(weights only?); {last_hint}")
         theirs = state.get("run")
