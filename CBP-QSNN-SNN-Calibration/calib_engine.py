@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from CIFAR.models.calibration import bias_corr_model, weights_cali_model
@@ -23,14 +21,22 @@ from torch.utils.data import DataLoader
 
 from cbp import data as cbp_data
 from cbp.checkpoint import CheckpointError, extract_state_dict
-from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, progress
+from cbp.data import CIFAR_MEAN, CIFAR_STD
+from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401 (used by the scripts)
+from cbp.runtime import (
+    UserError,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    progress,
+    seed_everything,
+)
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
 NORM = {
-    "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "CIFAR10": (CIFAR_MEAN, CIFAR_STD),
     "CIFAR100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
-DRIVE = "the authors' Google Drive folder linked from the CBP-QSNN README"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -53,8 +59,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default=None, type=_nonneg_int,
                    help="data-loader workers (default: 4 for CIFAR, 0 for DIGITS)")
     p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's _last.pth checkpoint(s)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from the run's _last.pth checkpoint(s), or from PATH")
     p.add_argument("--logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<run name>; '' disables)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -69,14 +75,8 @@ _positive_int, _nonneg_int, _positive_float = positive_int, nonneg_int, positive
 
 
 def seed_all(seed: int = 1029) -> None:
-    """Seed random, numpy, torch (all devices); deterministic cuDNN."""
-    random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    """Seed every RNG, deterministic cuDNN (the reference's seeding)."""
+    seed_everything(seed, deterministic=True)
 
 
 def cifar_transforms(dataset: str, cutout: bool = True, auto_aug: bool = True):
@@ -126,27 +126,6 @@ def loaders(args, device: torch.device) -> tuple[DataLoader, DataLoader]:
     sub = torch.utils.data.Subset
     return (DataLoader(sub(train.dataset, range(min(n, len(train.dataset)))), shuffle=True, **kw),
             DataLoader(sub(test.dataset, range(min(n, len(test.dataset)))), shuffle=False, **kw))
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
-                             int(state["numpy_pos"]), 0, 0.0))
-    if "python" in state:
-        random.setstate((3, tuple(int(v) for v in state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- file names

@@ -24,9 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from cbp import CBP, MODES, clip_gradients, param_groups
-from cbp.checkpoint import extract_state_dict, load_file, save_atomic
-from cbp.export import pack_model, save_packed, weight_memory_mbit
-from cbp.runtime import Scalars, UserError, progress, run_main, select_device, write_progress
+from cbp.checkpoint import check_finite, extract_state_dict, load_file
+from cbp.export import pack_model, weight_memory_mbit
+from cbp.run import Run
+from cbp.runtime import (
+    Scalars,
+    UserError,
+    progress,
+    rng_state,
+    run_main,
+    select_device,
+    set_rng_state,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,7 +108,7 @@ def build_optimizer(snn_q, args) -> torch.optim.Optimizer:
                              for k in ("qweight", "nqweight", "otherparam")])
 
 
-def convert_trial(args, trial, train_loader, test_loader, device, show) -> dict:
+def convert_trial(args, trial, train_loader, test_loader, device, show, run: Run) -> dict:
     """ANN -> calibrated SNN; saves and returns the calibration checkpoint."""
     path = E.require_ann(args)
     ann = E.load_ann(args, path)
@@ -112,50 +121,70 @@ def convert_trial(args, trial, train_loader, test_loader, device, show) -> dict:
         "snn_test_acc": snn_acc,
         "ann_test_acc": ann_acc,
     }
-    save_atomic(ckpt, names(args, trial)["calib"])
+    run.save(ckpt, names(args, trial)["calib"])
     print(f"{trial} trial: DNN-to-SNN conversion end!! (ANN {ann_acc:.3f}%, SNN {snn_acc:.3f}%)")
     return ckpt
 
 
+def snapshot_epochs(epochs: int) -> list[int]:
+    return [e for e in range(epochs) if e == 0 or (e + 1) % 5 == 0]
+
+
 def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
     f = names(args, trial)
-    resume_state = None
-    if args.resume and os.path.isfile(f["last"]):
-        resume_state = load_file(f["last"])
-        if int(resume_state["epoch"]) + 1 >= args.epochs:
-            print(f"trial {trial} already finished ({f['last']})")
-            return
-    if resume_state is None:
-        E.seed_all(args.seed + trial)
-        convert_trial(args, trial, train_loader, test_loader, device, show)
-        calib_ckpt = load_file(f["calib"])  # reload from disk, as the reference does
-        snn_q = E.load_calibrated_snn_q(args, calib_ckpt, device)
-        extras = {"pool_bias_dict": calib_ckpt.get("pool_bias_dict", {}),
-                  "mem_pot_init_dict": calib_ckpt.get("mem_pot_init_dict", {})}
-    else:
-        extras = {"pool_bias_dict": resume_state.get("pool_bias_dict", {}),
-                  "mem_pot_init_dict": resume_state.get("mem_pot_init_dict", {})}
-        snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
-        snn_q.load_state_dict(extract_state_dict(resume_state))
+    outputs = [f["calib"], f["best"], f["last"], f["packed"], f["progress"],
+               *(f"{f['stem']}_{e}.pth" for e in snapshot_epochs(args.epochs))]
+    identity = {"pipeline": "SNN-Calibration", "script": "cbp", "dataset": args.dataset,
+                "arch": args.arch, "usebn": bool(args.usebn), "width": float(args.width),
+                "T": int(args.T), "calib": args.calib, "quant": args.quant}
+    with Run(identity, outputs, lr_flag="--lr") as run:
+        resume_state = None
+        if args.resume:
+            path = f["last"] if args.resume == "auto" else args.resume
+            if args.resume != "auto" or os.path.isfile(path):
+                resume_state = run.resume(path, last_hint=f"resume from {f['last']}")
+                if int(resume_state["epoch"]) + 1 >= args.epochs:
+                    print(f"trial {trial} already finished ({path})")
+                    return
+        if resume_state is None:
+            E.seed_all(args.seed + trial)
+            convert_trial(args, trial, train_loader, test_loader, device, show, run)
+            calib_ckpt = load_file(f["calib"])  # reload from disk, as the reference does
+            snn_q = E.load_calibrated_snn_q(args, calib_ckpt, device)
+            extras = {"pool_bias_dict": calib_ckpt.get("pool_bias_dict", {}),
+                      "mem_pot_init_dict": calib_ckpt.get("mem_pot_init_dict", {})}
+        else:
+            extras = {"pool_bias_dict": resume_state.get("pool_bias_dict", {}),
+                      "mem_pot_init_dict": resume_state.get("mem_pot_init_dict", {})}
+            snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
+            state = extract_state_dict(resume_state)
+            check_finite(state, f["last"])
+            snn_q.load_state_dict(state)
+        _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, run,
+               resume_state, f)
 
+
+def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, run: Run,
+           resume_state, f) -> None:
     optimizer = build_optimizer(snn_q, args)
     cbp = CBP(snn_q, args.lr_lambda, period_max=args.period, init_scales=resume_state is None)
     rows: list[list[float]] = [[0.0] * 7]
     max_test_acc, start_epoch = 0.0, 0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer1"])
-        cbp.load_state_dict(resume_state["cbp"])
+        cbp.load_checkpoint_entries(resume_state)
         rows = resume_state["progress"].tolist()
         max_test_acc = float(resume_state["max_test_acc"])
         start_epoch = int(resume_state["epoch"]) + 1
-        E.set_rng_state(resume_state["rng"])
-        print(f"resumed trial {trial} from {f['last']} at epoch {start_epoch}")
+        set_rng_state(resume_state["rng"])
+        print(f"resumed trial {trial} at epoch {start_epoch}")
     else:
         cbp.start()  # initial lambda update with ucs = 0
     print(f"Start Quantization ({args.quant}, {cbp.param_size} quantized weights)")
 
     tb = Scalars(f"./runs/{f['run']}" if args.logdir is None else
                  (os.path.join(args.logdir, f"trial{trial}") if args.logdir else ""))
+    snapshots = set(snapshot_epochs(args.epochs))
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         snn_q.train()
@@ -166,8 +195,8 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
             images, labels = images.to(device), labels.to(device)
             outputs = snn_q(images)
             loss = F.cross_entropy(outputs, labels)
-            lag = loss + cbp.penalty()
-            cbp.accumulate(lag)
+            lag = cbp.lagrangian(loss)
+            run.check_loss(lag, epoch, idx)
             lag.backward()
             clip_gradients(snn_q.parameters(), 1.0)
             optimizer.step()
@@ -179,9 +208,9 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
                 print(f"samples/acc = {n}/{train_correct}")
         train_loss /= max(n, 1)
         train_acc = train_correct / max(n, 1)
-        lagsum_pre = cbp.lagsum_pre
         decision = cbp.end_epoch(optimizer)
-        print(f"epoch={epoch}...lagsum_pre={lagsum_pre}...lagsum={decision.lagsum}")
+        run.check_epoch(snn_q, epoch, decision.lagsum)
+        print(f"epoch={epoch}...lagsum_pre={decision.compared_to}...lagsum={decision.lagsum}")
         if decision.updated:
             print(f"Lambda update.... (g={cbp.g}, ucs={cbp.ucs:.4f}"
                   + (", lr x0.1" if decision.lr_decayed else "") + ")")
@@ -189,7 +218,6 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
         test_loss, test_acc = E.evaluate_ce(snn_q, test_loader, device, show)
         cfs = cbp.cfs()
         rows.append([epoch, train_acc, test_acc, train_loss, test_loss, cfs, cbp.lagsum_pre])
-        write_progress(f["progress"], rows)
         for tag, value in (("loss/train", train_loss), ("accuracy/train", train_acc),
                            ("loss/test", test_loss), ("accuracy/test", test_acc), ("cfs", cfs),
                            ("lagsum", decision.lagsum), ("g", cbp.g), ("ucs", cbp.ucs),
@@ -201,30 +229,26 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
         if save_max:
             max_test_acc = test_acc
             print("save_max")
-        targets = cbp.targets
-        checkpoint = {
+        checkpoint = run.checkpoint({
             "net": snn_q.state_dict(),
             "factor": [list(m.factor) for _, m in _qmods(snn_q)],
-            "scale": [t.scale.detach().clone() for t in targets],
+            "scale": [t.scale.detach().clone() for t in cbp.targets],
             "optimizer1": optimizer.state_dict(),
-            "optimizer2": cbp.optimizer.state_dict(),
+            **cbp.checkpoint_entries(),
             "epoch": epoch,
-            "lamb": [lam.detach().clone() for lam in cbp.lambdas],
-            "lagsum_pre": cbp.lagsum_pre,
-            "period": cbp.period,
-            "ucs": cbp.ucs,
-            "g": cbp.g,
             "progress": torch.tensor(rows, dtype=torch.float64),
             "args": {k: v for k, v in vars(args).items()},
             "max_test_acc": max_test_acc,
             **extras,
-        }
+        })
+        # the full training state first: a kill after it resumes to the same result
+        run.save({**checkpoint, "rng": rng_state()}, f["last"])
+        run.write_table(f["progress"], rows)
         if save_max:
-            save_atomic(checkpoint, f["best"])
-            save_packed(pack_model(snn_q), f["packed"])
-        if epoch == 0 or (epoch + 1) % 5 == 0:
-            save_atomic(checkpoint, f"{f['stem']}_{epoch}.pth")
-        save_atomic({**checkpoint, "cbp": cbp.state_dict(), "rng": E.rng_state()}, f["last"])
+            run.save(checkpoint, f["best"])
+            run.save(pack_model(snn_q), f["packed"])
+        if epoch in snapshots:
+            run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
         total_time = time.time() - start
         eta = datetime.datetime.now() + datetime.timedelta(seconds=total_time * (args.epochs - epoch))
         print(f"epoch={epoch}, train_loss={train_loss}, train_acc={train_acc}, "
@@ -247,7 +271,7 @@ def evaluate(args, device, show) -> None:
     extras = {k: state.get(k, {}) if isinstance(state, dict) else {}
               for k in ("pool_bias_dict", "mem_pot_init_dict")}
     snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
-    load_into(snn_q, state)
+    load_into(snn_q, state, nonfinite="warn")
     _, test_loader = E.loaders(args, device)
     test_loss, test_acc = E.evaluate_ce(snn_q, test_loader, device, show)
     print(f"test_loss={test_loss}, test_acc={test_acc}")
@@ -270,11 +294,14 @@ def main(argv=None) -> None:
         return
     os.makedirs("./logs", exist_ok=True)
     os.makedirs("./progress", exist_ok=True)
+    if args.resume not in (None, "auto") and args.trials != 1:
+        raise UserError("--resume PATH resumes one trial: add --trials 1 (or give --resume "
+                        "alone to continue every trial from its _last.pth)")
     have_last = [os.path.isfile(names(args, i)["last"]) for i in range(args.trials)]
-    if args.resume and not any(have_last):
+    if args.resume == "auto" and not any(have_last):
         raise UserError(f"cannot resume: {names(args, 0)['last']} not found "
                         "(run without --resume first)")
-    if not (args.resume and all(have_last)):
+    if not (args.resume == "auto" and all(have_last)) and args.resume in (None, "auto"):
         E.require_ann(args)  # a trial still has to be converted from the ANN
     train_loader, test_loader = E.loaders(args, device)
     for trial in range(args.trials):

@@ -20,8 +20,17 @@ import calib_engine as E
 import torch
 from torch import nn
 
-from cbp.checkpoint import extract_state_dict, load_file, load_into, save_atomic
-from cbp.runtime import Scalars, UserError, progress, run_main, select_device
+from cbp.checkpoint import extract_state_dict, load_into
+from cbp.run import Run
+from cbp.runtime import (
+    Scalars,
+    UserError,
+    progress,
+    rng_state,
+    run_main,
+    select_device,
+    set_rng_state,
+)
 
 build_data = E.build_data  # the reference imports build_data from this module
 
@@ -59,54 +68,61 @@ def main(argv=None) -> None:
     optimizer = torch.optim.SGD(ann.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, eta_min=0,
                                                            T_max=max(args.epochs, 1))
-    best_acc, best_epoch, start_epoch = 0.0, 0, 0
-    if args.resume:
-        if not os.path.isfile(last_path):
-            raise UserError(f"cannot resume: {last_path} not found (run without --resume)")
-        state = load_file(last_path)
-        load_into(ann, extract_state_dict(state))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-        start_epoch = int(state["epoch"]) + 1
-        E.set_rng_state(state["rng"])
-        print(f"resumed from {last_path} at epoch {start_epoch}")
+    identity = {"pipeline": "SNN-Calibration", "script": "ann", "dataset": args.dataset,
+                "arch": args.arch, "usebn": bool(args.usebn), "width": float(args.width)}
+    with Run(identity, [save_path, last_path], lr_flag="--learning_rate") as run:
+        best_acc, best_epoch, start_epoch = 0.0, 0, 0
+        if args.resume:
+            path = last_path if args.resume == "auto" else args.resume
+            state = run.resume(path, last_hint=f"resume from {last_path}")
+            load_into(ann, extract_state_dict(state))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
+            start_epoch = int(state["epoch"]) + 1
+            set_rng_state(state["rng"])
+            print(f"resumed from {path} at epoch {start_epoch}")
 
-    tb = Scalars(f"./runs/{stem}" if args.logdir is None else args.logdir)
-    for epoch in range(start_epoch, args.epochs):
-        running_loss, start = 0.0, time.time()
-        ann.train()
-        seen, total_loss = 0, 0.0
-        for i, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch + 1}",
-                                                      enabled=show)):
-            optimizer.zero_grad()
-            images, labels = images.to(device), labels.to(device)
-            loss = criterion(ann(images), labels)
-            running_loss += loss.item()
-            total_loss += loss.item() * labels.numel()
-            seen += labels.numel()
-            loss.backward()
-            optimizer.step()
-            if (i + 1) % 40 == 0:
-                print(f"Epoch [{epoch + 1}/{args.epochs}], Step [{i + 1}/{len(train_loader)}], "
-                      f"Loss: {running_loss:.5f}")
-                running_loss = 0.0
-                print("Time elapsed:", time.time() - start)
-        scheduler.step()
-        print("Iters:", epoch)
-        acc = E.validate_model(test_loader, ann, show)
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch + 1
-            save_atomic(ann.state_dict(), save_path)
-        print("best_acc is: ", best_acc, " find in epoch: ", best_epoch)
-        print("\n")
-        tb.add("loss/train", total_loss / max(seen, 1), epoch)
-        tb.add("accuracy/test", acc, epoch)
-        tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
-        save_atomic({"epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                     "best_epoch": best_epoch, "rng": E.rng_state()}, last_path)
-    tb.close()
+        tb = Scalars(f"./runs/{stem}" if args.logdir is None else args.logdir)
+        for epoch in range(start_epoch, args.epochs):
+            running_loss, start = 0.0, time.time()
+            ann.train()
+            seen, total_loss = 0, 0.0
+            for i, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch + 1}",
+                                                          enabled=show)):
+                optimizer.zero_grad()
+                images, labels = images.to(device), labels.to(device)
+                loss = criterion(ann(images), labels)
+                run.check_loss(loss, epoch, i)
+                running_loss += loss.item()
+                total_loss += loss.item() * labels.numel()
+                seen += labels.numel()
+                loss.backward()
+                optimizer.step()
+                if (i + 1) % 40 == 0:
+                    print(f"Epoch [{epoch + 1}/{args.epochs}], Step [{i + 1}/{len(train_loader)}], "
+                          f"Loss: {running_loss:.5f}")
+                    running_loss = 0.0
+                    print("Time elapsed:", time.time() - start)
+            run.check_epoch(ann, epoch)
+            scheduler.step()
+            print("Iters:", epoch)
+            acc = E.validate_model(test_loader, ann, show)
+            improved = acc > best_acc
+            if improved:
+                best_acc, best_epoch = acc, epoch + 1
+            print("best_acc is: ", best_acc, " find in epoch: ", best_epoch)
+            print("\n")
+            tb.add("loss/train", total_loss / max(seen, 1), epoch)
+            tb.add("accuracy/test", acc, epoch)
+            tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
+            run.save(run.checkpoint({
+                "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "best_acc": best_acc,
+                "best_epoch": best_epoch, "rng": rng_state()}), last_path)
+            if improved:
+                run.save(ann.state_dict(), save_path)
+        tb.close()
     print(f"best ANN weights: {save_path}")
 
 
