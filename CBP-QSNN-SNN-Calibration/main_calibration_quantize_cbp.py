@@ -108,8 +108,9 @@ def build_optimizer(snn_q, args) -> torch.optim.Optimizer:
                              for k in ("qweight", "nqweight", "otherparam")])
 
 
-def convert_trial(args, trial, train_loader, test_loader, device, show, run: Run) -> dict:
-    """ANN -> calibrated SNN; saves and returns the calibration checkpoint."""
+def convert_trial(args, trial, train_loader, test_loader, device, show) -> dict:
+    """ANN -> calibrated SNN; returns the calibration checkpoint (written with the first
+    finished CBP epoch, so a run that fails before leaves the earlier file alone)."""
     path = E.require_ann(args)
     ann = E.load_ann(args, path)
     snn, ann_acc, snn_acc = E.convert(args, ann, train_loader, test_loader, device, show)
@@ -121,7 +122,6 @@ def convert_trial(args, trial, train_loader, test_loader, device, show, run: Run
         "snn_test_acc": snn_acc,
         "ann_test_acc": ann_acc,
     }
-    run.save(ckpt, names(args, trial)["calib"])
     print(f"{trial} trial: DNN-to-SNN conversion end!! (ANN {ann_acc:.3f}%, SNN {snn_acc:.3f}%)")
     return ckpt
 
@@ -148,12 +148,13 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
                     return
         if resume_state is None:
             E.seed_all(args.seed + trial)
-            convert_trial(args, trial, train_loader, test_loader, device, show, run)
-            calib_ckpt = load_file(f["calib"])  # reload from disk, as the reference does
+            calib_ckpt = convert_trial(args, trial, train_loader, test_loader, device, show)
+            pending = {f["calib"]: calib_ckpt}
             snn_q = E.load_calibrated_snn_q(args, calib_ckpt, device)
             extras = {"pool_bias_dict": calib_ckpt.get("pool_bias_dict", {}),
                       "mem_pot_init_dict": calib_ckpt.get("mem_pot_init_dict", {})}
         else:
+            pending = {}
             extras = {"pool_bias_dict": resume_state.get("pool_bias_dict", {}),
                       "mem_pot_init_dict": resume_state.get("mem_pot_init_dict", {})}
             snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
@@ -161,11 +162,13 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
             check_finite(state, f["last"])
             snn_q.load_state_dict(state)
         _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, run,
-               resume_state, f)
+               resume_state, f, pending)
 
 
 def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, run: Run,
-           resume_state, f) -> None:
+           resume_state, f, pending: dict) -> None:
+    """CBP epochs; ``pending`` files (the calibration checkpoint) are written with the first
+    finished epoch."""
     optimizer = build_optimizer(snn_q, args)
     cbp = CBP(snn_q, args.lr_lambda, period_max=args.period, init_scales=resume_state is None)
     rows: list[list[float]] = [[0.0] * 7]
@@ -241,20 +244,25 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
             "max_test_acc": max_test_acc,
             **extras,
         })
-        # the full training state first: a kill after it resumes to the same result
-        run.save({**checkpoint, "rng": rng_state()}, f["last"])
+        while pending:
+            path, obj = pending.popitem()
+            run.save(obj, path)
         run.write_table(f["progress"], rows)
         if save_max:
             run.save(checkpoint, f["best"])
             run.save(pack_model(snn_q), f["packed"])
         if epoch in snapshots:
             run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
+        # the training state last: a run killed before it redoes this epoch on resume
+        run.save({**checkpoint, "rng": rng_state()}, f["last"])
         total_time = time.time() - start
         eta = datetime.datetime.now() + datetime.timedelta(seconds=total_time * (args.epochs - epoch))
         print(f"epoch={epoch}, train_loss={train_loss}, train_acc={train_acc}, "
               f"test_loss={test_loss}, test_acc={test_acc}, max_test_acc={max_test_acc}, "
               f"cfs={cfs}, total_time={total_time}, "
               f"escape_time={eta.strftime('%Y-%m-%d %H:%M:%S')}")
+    for path, obj in pending.items():  # no epoch to run: the conversion alone
+        run.save(obj, path)
     tb.close()
     print(f"trial {trial}: max_test_acc={max_test_acc}, weight memory "
           f"{weight_memory_mbit(snn_q):.4f} Mbit")

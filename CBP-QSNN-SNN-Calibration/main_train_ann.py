@@ -116,12 +116,13 @@ def main(argv=None) -> None:
             tb.add("loss/train", total_loss / max(seen, 1), epoch)
             tb.add("accuracy/test", acc, epoch)
             tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
+            if improved:
+                run.save(ann.state_dict(), save_path)
+            # the training state last: a run killed before it redoes this epoch on resume
             run.save(run.checkpoint({
                 "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best_acc": best_acc,
                 "best_epoch": best_epoch, "rng": rng_state()}), last_path)
-            if improved:
-                run.save(ann.state_dict(), save_path)
         tb.close()
     print(f"best ANN weights: {save_path}")
 

@@ -167,10 +167,6 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
             **{k: entries[k] for k in ("optimizer2", "lamb", "period", "ucs", "g")},
             "progress": torch.tensor(rows, dtype=torch.float64),
         }
-        # the full training state first: a kill after it resumes to the same result
-        run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
-                                 "best_epoch": best_epoch, "rng": rng_state()}),
-                 f"{out_dir}/{name}_last.pth")
         run.write_table(progress_path, rows)
         if improved:
             run.save(state, f"{out_dir}/{name}_best.pth")
@@ -178,6 +174,10 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
             run.save(pack_model(model), f"{out_dir}/{name}_packed.pth")
         else:
             run.save(state, f"{out_dir}/{name}.pth")
+        # the training state last: a run killed before it redoes this epoch on resume
+        run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
+                                 "best_epoch": best_epoch, "rng": rng_state()}),
+                 f"{out_dir}/{name}_last.pth")
         print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
     tb.close()
 

@@ -122,13 +122,14 @@ def main(argv=None) -> None:
             best_acc = max(best_acc, acc)
             state = {"epoch": epoch, "net": model.state_dict(),
                      "optimizer": optimizer.state_dict(), **hist}
-            run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng_state()}),
-                     last_path)
             if improved:
                 run.save(state, f"{out_dir}/{args.dataset}_best.pth")
                 run.save(model.state_dict(), pre_path)
             else:
                 run.save(state, f"{out_dir}/{args.dataset}.pth")
+            # the training state last: a run killed before it redoes this epoch on resume
+            run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng_state()}),
+                     last_path)
         tb.close()
     print(f"Best Test Accuracy : {best_acc}; pretrained weights in {pre_path}")
 

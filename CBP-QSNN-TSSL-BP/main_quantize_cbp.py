@@ -216,8 +216,6 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
             "progress": torch.tensor(rows, dtype=torch.float64),
             "best_acc": best_acc, "best_epoch": best_epoch, "rng": rng_state(),
         })
-        # the full training state first: a kill after it resumes to the same result
-        run.save(full, last_path)
         run.write_table(progress_path, rows)
         weights = {**net.state_dict(), **net.scales()}
         if improved:  # ties save too, as the reference's early stopping does
@@ -231,6 +229,8 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
             run.save({**full, "model_state_dict": net.state_dict(),
                       "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
                      f"./progress/{ds}_{mode}_{e}.pth")
+        # the training state last: a run killed before it redoes this epoch on resume
+        run.save(full, last_path)
     tb.close()
     log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")

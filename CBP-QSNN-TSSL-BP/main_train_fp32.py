@@ -96,13 +96,14 @@ def main(argv=None) -> None:
             tb.add("loss/train", loss, e)
             tb.add("accuracy/train", train_acc, e)
             tb.add("accuracy/test", acc, e)
-            run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
-                                     "rng": rng_state()}), last_path)
             if improved:
                 run.save({"net": net.state_dict(), "loss": acc, "epoch": e},
                          f"./checkpoint/{name}.pth")
                 run.save(net.state_dict(), pre_path)
+            # the training state last: a run killed before it redoes this epoch on resume
+            run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
+                                     "rng": rng_state()}), last_path)
         tb.close()
     log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")

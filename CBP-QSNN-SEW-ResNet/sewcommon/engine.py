@@ -423,8 +423,6 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
             state.update({"optimizer": optimizer.state_dict(),
                           "lr_scheduler": scheduler.state_dict()})
         state = r.checkpoint(state)
-        # the full training state first: a kill after it resumes to the same result
-        r.save(state, os.path.join(layout.ckpt_dir, "checkpoint_latest.pth"))
         r.write_table(layout.progress_file, rows)
         if layout.keep_epoch(epoch, s.epochs):
             r.save(state, os.path.join(layout.ckpt_dir, f"checkpoint_{epoch}.pth"))
@@ -435,6 +433,8 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
                 r.save({"model": sd} if layout.final_wrap else sd, layout.final_weights)
             if controller is not None:  # low-bit export of the best weights
                 r.save(pack_model(model), os.path.join(layout.ckpt_dir, f"packed_{quant}.pth"))
+        # the training state last: a run killed before it redoes this epoch on resume
+        r.save(state, os.path.join(layout.ckpt_dir, "checkpoint_latest.pth"))
     tb_train.close()
     if not same:
         tb_test.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,8 +115,7 @@ def check_finite(state: Mapping[str, Any], where: str, on_bad: str = "error") ->
     text = f"{where} holds non-finite values (NaN/inf) in {_short(bad)}"
     if on_bad == "error":
         raise CheckpointError(text + "; it comes from a diverged run and cannot be used")
-    warnings.warn(text, stacklevel=3)
-    print(f"warning: {text}")
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def _short(items: list[str], n: int = 6) -> str:

@@ -9,10 +9,10 @@ that locks the same output (:class:`OutputLock`).
 
 Any ``OSError`` while writing becomes :class:`WriteError`, a one-line user error naming the path.
 
-``CBP_FAILPOINT`` (testing hook) makes the N-th write of this process fail:
-``CBP_FAILPOINT=3:oserror`` raises ``OSError(ENOSPC)`` inside the third write,
-``CBP_FAILPOINT=3:kill`` kills the process with SIGKILL after the third write's temporary file
-is complete and before it is renamed.
+``CBP_FAILPOINT`` (testing hook) injects a fault: ``3:oserror`` raises ``OSError(ENOSPC)``
+inside the third write of this process, ``3:kill`` kills the process with SIGKILL after the
+third write's temporary file is complete and before it is renamed, and ``3:nan`` turns the
+third training loss that :meth:`cbp.run.Run.check_loss` sees into NaN.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class LockedError(UserError):
 
 
 _writes = 0
+_losses = 0
 
 
 def _umask() -> int:
@@ -51,19 +52,29 @@ def _umask() -> int:
     return mask
 
 
+def _failpoint_spec() -> tuple[int, str]:
+    number, _, kind = os.environ.get("CBP_FAILPOINT", "").partition(":")
+    return (int(number), kind) if number else (0, "")
+
+
 def _failpoint() -> None:
     """Count this write; fail or die here when ``CBP_FAILPOINT`` names it."""
     global _writes
     _writes += 1
-    spec = os.environ.get("CBP_FAILPOINT", "")
-    if not spec:
-        return
-    number, _, kind = spec.partition(":")
-    if int(number) != _writes:
+    number, kind = _failpoint_spec()
+    if number != _writes or kind not in ("kill", "oserror"):
         return
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def failpoint_nan() -> bool:
+    """Count a checked training loss; True when ``CBP_FAILPOINT=N:nan`` names this one."""
+    global _losses
+    _losses += 1
+    number, kind = _failpoint_spec()
+    return kind == "nan" and number == _losses
 
 
 def temp_pattern(path: str) -> str:

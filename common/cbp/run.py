@@ -38,7 +38,7 @@ from torch import nn
 
 from . import distributed as D
 from .checkpoint import CheckpointError, check_finite, load_file
-from .files import OutputLock, promote, save_atomic, write_table, write_text_atomic
+from .files import OutputLock, failpoint_nan, promote, save_atomic, write_table, write_text_atomic
 from .runtime import UserError
 
 
@@ -85,6 +85,7 @@ class Run:
         self._lock = OutputLock(self.outputs) if self.main else None
         # a resumed run continues its own files: nothing of them to keep
         self._replaced: set[str] = set(self.outputs) if resumed else set()
+        self._at: tuple[int, int] | None = None  # (epoch, batch) of the last checked loss
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> Run:
@@ -92,9 +93,15 @@ class Run:
             self._lock.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
         if self._lock is not None:
             self._lock.release()
+        if isinstance(exc, (RuntimeError, OverflowError)) and "overflow" in str(exc) \
+                and not isinstance(exc, UserError):  # e.g. an optimizer step size past float32
+            where = "training diverged" + (f" at epoch {self._at[0]}, batch {self._at[1]}"
+                                           if self._at else "")
+            raise Diverged(f"{where}: {str(exc).splitlines()[0]}; no file was written for this "
+                           f"epoch (try a lower learning rate, {self.lr_flag})") from None
 
     def continue_files(self) -> None:
         """Treat the outputs as this run's own (after a resume): no backups are made."""
@@ -103,6 +110,9 @@ class Run:
     # ------------------------------------------------------------------ checks
     def check_loss(self, value: torch.Tensor | float, epoch: int, batch: int) -> None:
         """Stop with :class:`Diverged` when the batch's loss / Lagrangian is not finite."""
+        self._at = (epoch, batch)
+        if failpoint_nan():
+            value = float("nan")
         if not _finite(value):
             v = float(value.detach().float().sum()) if isinstance(value, torch.Tensor) else value
             raise Diverged(

@@ -4,6 +4,7 @@ progress bars and optional tensorboard logging."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -97,8 +98,8 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
 
 
