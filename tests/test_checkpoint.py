@@ -11,6 +11,7 @@ from torch import nn
 
 import cbp
 from cbp import checkpoint as ck
+from cbp.files import WriteError
 
 
 def small_model():
@@ -40,13 +41,11 @@ def test_save_atomic_cleans_up_when_save_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     ck.save_atomic({"v": torch.zeros(1)}, str(path))
 
-    def boom(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:  # a partial write before failing
-            fh.write(b"partial")
-        raise OSError("disk full")
+    def boom(fd):  # the data is in the temporary file, the flush to disk fails
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(WriteError, match=r"cannot write .*ckpt\.pth: No space"):
         ck.save_atomic({"v": torch.ones(1)}, str(path))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temp file left

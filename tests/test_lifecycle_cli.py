@@ -194,10 +194,13 @@ def done(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(name)
     if name == "TSSL-BP":
         tssl_config(d)
-    ok(cli(p, *p.fp32, d))
-    ok(cli(p, *p.cbp, d))
+    with pytest.MonkeyPatch.context() as mp:
+        for script, args in (p.fp32, p.cbp):
+            code, out, err = inproc(p, script, args, d, mp)
+            assert code == 0, out + err
+        writes = files._writes  # of the CBP run
     assert (d / p.last).is_file() and (d / p.prequantized).is_file()
-    return name, p, d
+    return name, p, d, writes
 
 
 def copy(d: Path, dst: Path) -> Path:
@@ -209,7 +212,7 @@ def copy(d: Path, dst: Path) -> Path:
 def test_divergence_stops_at_once_and_keeps_every_file(done, tmp_path, monkeypatch):
     """A NaN loss in the second batch (injected) and an absurd learning rate: both training
     scripts stop with one line and leave the folder exactly as it was."""
-    name, p, d = done
+    name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     for (script, args), flag in ((p.fp32, p.fp32_lr or p.lr), (p.cbp, p.lr)):
@@ -229,7 +232,7 @@ def test_divergence_stops_at_once_and_keeps_every_file(done, tmp_path, monkeypat
 # ----------------------------------------------------------------------------- failing writes
 @pytest.mark.parametrize("nth", [1, 3])
 def test_a_failing_write_is_one_line_and_loses_nothing(done, nth, tmp_path, monkeypatch):
-    name, p, d = done
+    name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     code, _, err = inproc(p, *p.cbp, work, monkeypatch, CBP_FAILPOINT=f"{nth}:oserror")
@@ -237,19 +240,26 @@ def test_a_failing_write_is_one_line_and_loses_nothing(done, nth, tmp_path, monk
     kept(before, work)
 
 
-def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, tmp_path):
-    """Kill the CBP run at a write of its second epoch, resume it, and compare the final
-    checkpoint, the prequantized file and the progress table with the uninterrupted run's."""
-    name, p, d = done
+@pytest.mark.parametrize("at", ["mid", "last"])
+def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, at, tmp_path,
+                                                                     monkeypatch):
+    """Kill the CBP run at the write before its last (``mid``, in the second epoch) or at its
+    last (the final checkpoint, complete but not yet renamed), resume it, and compare the final
+    checkpoint and the prequantized file with the uninterrupted run's."""
+    name, p, d, writes = done
     ref = d
     work = tmp_path / "w"
     shutil.copytree(d, work, ignore=shutil.ignore_patterns("checkpoint", "logs", "progress",
                                                            "*prequantized*", "*_ckpt.pth*"))
     if name == "SNN-Calibration":
         shutil.copy(d / p.pretrained, work / p.pretrained)
-    killed = cli(p, *p.cbp, work, CBP_FAILPOINT=f"{kill_point(name)}:kill")
+    point = writes - 1 if at == "mid" else writes  # the final write is the last checkpoint
+    killed = cli(p, *p.cbp, work, CBP_FAILPOINT=f"{point}:kill")
     assert killed.returncode == -9, killed.stderr
-    ok(cli(p, p.cbp[0], p.cbp[1] + p.resume, work))
+    assert (work / p.last).is_file()  # the first epoch's state
+    code, out, err = inproc(p, p.cbp[0], p.cbp[1] + p.resume, work, monkeypatch)
+    assert code == 0, out + err
+    assert "resumed" in out
     a, b = torch.load(ref / p.last, weights_only=False), torch.load(work / p.last,
                                                                     weights_only=False)
     net = "model" if "model" in a else "net"
@@ -261,11 +271,6 @@ def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, tmp_p
         _same_weights(ref / p.prequantized, work / p.prequantized)
 
 
-def kill_point(name: str) -> int:
-    """A write in the second epoch (after the first epoch's last checkpoint)."""
-    return {"STBP": 6, "TSSL-BP": 7, "SEW-ResNet": 7, "SNN-Calibration": 8}[name]
-
-
 def _same_weights(a: Path, b: Path) -> bool:
     x, y = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
     x = x.get("net", x) if isinstance(x, dict) else x
@@ -275,7 +280,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 # ----------------------------------------------------------------------------- one run per output
 def test_a_second_run_on_the_same_outputs_is_refused(done, tmp_path, monkeypatch):
-    name, p, d = done
+    name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     with files.OutputLock([str(work / p.last)]):
@@ -286,7 +291,7 @@ def test_a_second_run_on_the_same_outputs_is_refused(done, tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- resume
 def test_resume_from_another_quantization_mode_is_refused(done, tmp_path, monkeypatch):
-    name, p, d = done
+    name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     code, _, err = inproc(p, p.cbp[0], p.other_mode + [p.resume[0], p.last], work, monkeypatch)
@@ -295,7 +300,7 @@ def test_resume_from_another_quantization_mode_is_refused(done, tmp_path, monkey
 
 
 def test_resume_from_a_weights_only_file_is_refused(done, tmp_path, monkeypatch):
-    name, p, d = done
+    name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     code, _, err = inproc(p, p.cbp[0], p.cbp[1] + [p.resume[0], p.pretrained], work,
@@ -306,7 +311,7 @@ def test_resume_from_a_weights_only_file_is_refused(done, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- NaN checkpoints
 def test_nan_weights_are_refused_for_training_and_reported_by_eval(done, tmp_path, monkeypatch):
-    name, p, d = done
+    name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     keys = []
     for rel in (p.pretrained, p.prequantized):
