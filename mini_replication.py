@@ -8,7 +8,7 @@ CBP to bin / ter / 1bit / 2bit and the documented evaluation of each result.
     python mini_replication.py --readme             # also put the table/figure in README.md
 
 STBP runs three seeds (mean and sample standard deviation); the others one.  SEW-ResNet sees
-the digits as two-polarity event frames from an emulated DVS (``cbp.data.digits_dvs``) and the
+the digits as two-polarity event frames from an emulated DVS (``sewcommon.dvs_emulator``) and the
 calibration pipeline converts a trained ANN to an SNN before CBP, so its fp32 column is the
 calibrated SNN.  Jobs run ``--jobs`` at a time with the cores split between them; a finished
 job's result (``<out>/<pipeline>/seed<k>/<mode>.json``) is reused unless ``--force``.

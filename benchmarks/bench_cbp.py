@@ -2,7 +2,7 @@
 
 (a) Constraint + lambda-term forward and backward over the quantized weights of the full STBP
     network (62,095,360 weights in 8 layers): ``cbp.lagrangian`` vs a straightforward
-    per-level masked implementation of the same maths (``cbp.baseline``).
+    per-level masked implementation of the same maths (``benchmarks/baseline.py``).
 (b) One STBP training step at reduced width: fp32 network vs quantized network + CBP
     (penalty, lagsum, gradient clip, latent clamp).
 
@@ -21,10 +21,11 @@ import time
 import torch
 
 import cbp
-from cbp import baseline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "CBP-QSNN-STBP"))
+sys.path.insert(0, HERE)
+import baseline  # noqa: E402
 
 STBP_QSHAPES = [
     (256, 128, 3, 3), (256, 256, 3, 3), (512, 256, 3, 3), (512, 512, 3, 3),

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pipelines import load_pipeline
 
 import cbp
-from cbp import baseline
+
+ROOT = Path(__file__).resolve().parents[1]
+(baseline,) = load_pipeline(ROOT / "benchmarks", "baseline")  # the benchmark's masked baseline
 
 MODES = ["bin", "ter", "1bit", "2bit"]
 S = 0.5  # dyadic: levels, midpoints and (for ucs in {0, 1/2, 1}) window edges are exact

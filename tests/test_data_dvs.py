@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pipelines import load_pipeline
 
-from cbp.data import DVS_CONTRAST, DVS_LOG_EPS, digits_dvs, emulate_dvs, saccade_path
+SEW_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-SEW-ResNet"
+(emu,) = load_pipeline(SEW_DIR, "sewcommon.dvs_emulator")
+DVS_CONTRAST, DVS_LOG_EPS = emu.DVS_CONTRAST, emu.DVS_LOG_EPS
+digits_dvs, emulate_dvs, saccade_path = emu.digits_dvs, emu.emulate_dvs, emu.saccade_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

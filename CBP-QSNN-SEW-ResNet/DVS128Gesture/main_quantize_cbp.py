@@ -27,7 +27,7 @@ from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, run
 
 DATASET = "DVS128Gesture"
 MODELS = ("SEWResNet", "PlainNet", "SpikingResNet")
-# --dataset DIGITS: the embedded digits as 16x16 event frames (cbp.data.digits_dvs); the net
+# --dataset DIGITS: the embedded digits as 16x16 event frames (sewcommon.dvs_emulator); the net
 # keeps the first 3 of the 7 stages (16 -> 2: the output layer sees 2x2 positions)
 DIGITS_SIZE, DIGITS_STAGES = 16, 3
 
@@ -126,7 +126,7 @@ def main(argv=None, fp32: bool = False) -> None:
 
     def datasets():
         if digits:
-            from cbp.data import digits_dvs
+            from sewcommon.dvs_emulator import digits_dvs
 
             return (digits_dvs(True, args.T, DIGITS_SIZE), digits_dvs(False, args.T, DIGITS_SIZE))
         return data.dvs128_gesture(args.data_path, args.T)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .levels import LevelSet
+from cbp.levels import LevelSet
 
 
 def constraint_forward(w: Tensor, s: Tensor, mode: str, ucs: float) -> Tensor:
