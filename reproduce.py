@@ -260,7 +260,9 @@ def table(results: list[tuple[Row, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog="Exit status: 0 when every requested row was evaluated, "
+                                       "1 when a row is missing data or checkpoints or failed.")
     p.add_argument("--root", default=ROOT, help="tree holding each folder's datasets/ and trained_params/")
     p.add_argument("--rows", default=None, help="only rows whose name contains this text")
     p.add_argument("--train", action="store_true", help="run the full training before evaluating")
@@ -292,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         f.write(text)
     print()
     print(text)
+    failed = [row.name for row, res in results if res["status"] != "evaluated"]
+    if failed:
+        print(f"{len(failed)} of {len(results)} rows could not be evaluated (see the status "
+              "column)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,7 @@ def test_no_data_reports_every_row_missing(tmp_path):
     out = tmp_path / "table.md"
     rc = reproduce.main(["--root", str(tmp_path / "empty"), "--out", str(out),
                          "--log", str(tmp_path / "log.txt")])
-    assert rc == 0
+    assert rc == 1  # nothing could be evaluated
     rows = parse(out.read_text())
     assert len(rows) == len(reproduce.all_rows()) == 16
     for row in rows:
@@ -44,12 +44,21 @@ def test_missing_checkpoint_names_file_and_command(tmp_path):
     folder.mkdir(parents=True)
     (folder / "data_batch_1").write_bytes(b"x")
     out = tmp_path / "t.md"
-    reproduce.main(["--root", str(tmp_path), "--rows", "STBP 7Conv,3FC CIFAR10 bin",
-                    "--out", str(out), "--log", str(tmp_path / "l.txt")])
+    rc = reproduce.main(["--root", str(tmp_path), "--rows", "STBP 7Conv,3FC CIFAR10 bin",
+                         "--out", str(out), "--log", str(tmp_path / "l.txt")])
+    assert rc == 1
     (row,) = parse(out.read_text())
     assert "trained_params/STBP_CIFAR10_bin_cbp_prequantized.pth" in row["status"]
     assert "produce with: cd CBP-QSNN-STBP && python main_train_fp32.py" in row["status"]
     assert "main_quantize_cbp.py --dataset CIFAR10" in row["status"]
+
+
+def test_help_text_is_whole():
+    proc = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--help"],
+                          capture_output=True, text=True)
+    text = " ".join(proc.stdout.split())
+    assert "otherwise say exactly what is missing and how to produce it." in text
+    assert "Exit status: 0 when every requested row was evaluated" in text
 
 
 def test_device_flag_follows_the_script_style():
