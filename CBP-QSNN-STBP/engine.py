@@ -6,13 +6,15 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from cbp import data as cbp_data
+from cbp import distributed as D
 from cbp.data import CIFAR_MEAN, CIFAR_STD  # CIFAR-10's, used for CIFAR-100 too (reference)
 from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
     UserError,
+    gpu_to_device,
     nonneg_int,
     positive_float,
     positive_int,
@@ -53,7 +55,8 @@ def add_common_args(p: argparse.ArgumentParser, lr: float) -> None:
 
 
 def loaders(args) -> tuple[DataLoader, DataLoader, int]:
-    """(train loader, test loader, number of classes)."""
+    """(train loader, test loader, number of classes).  Under torch.distributed each rank
+    trains on its ``DistributedSampler`` share and tests on every world-size-th sample."""
     if args.dataset == "DIGITS":
         train_ds, test_ds = cbp_data.digits(True), cbp_data.digits(False)
     else:
@@ -64,9 +67,43 @@ def loaders(args) -> tuple[DataLoader, DataLoader, int]:
         test_tf = T.Compose([T.ToTensor(), norm])
         train_ds = cbp_data.cifar(args.dataset, args.data_path, True, train_tf, args.download)
         test_ds = cbp_data.cifar(args.dataset, args.data_path, False, test_tf, args.download)
-    train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+    if D.is_distributed():
+        sampler = DistributedSampler(train_ds, shuffle=True, seed=args.seed or 0)
+        train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
+                              num_workers=args.num_workers)
+        test_ds = Subset(test_ds, D.shard_indices(len(test_ds)))
+    else:
+        train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True,
+                              num_workers=args.num_workers)
     test_dl = DataLoader(test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     return train_dl, test_dl, NUM_CLASSES[args.dataset]
+
+
+def setup(args) -> torch.device:
+    """Join the process group when started by torchrun (one line per failing rank), then pick
+    the device: ``--device``, else the reference's ``--gpu``, else cuda if available; under
+    torchrun on CUDA each rank takes the GPU of its LOCAL_RANK."""
+    D.init_from_env(device=args.device if args.device not in (None, "", "auto") else None)
+    with D.collective():
+        device = gpu_to_device(args.gpu, args.device)
+        if D.is_distributed() and device.type == "cuda":
+            device = torch.device("cuda", D.local_rank())
+    return device
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a distributed sampler for ``epoch`` (no-op otherwise)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def wrap(model):
+    """The model as trained: DDP under torch.distributed, the model itself otherwise."""
+    if not D.is_distributed():
+        return model
+    dev = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def mse_onehot(output: torch.Tensor, labels: torch.Tensor, outs: int) -> torch.Tensor:
@@ -78,14 +115,19 @@ def mse_onehot(output: torch.Tensor, labels: torch.Tensor, outs: int) -> torch.T
 def test(model, loader, device, outs: int, show: bool = True) -> tuple[float, float]:
     """(test loss, accuracy %) with the reference's definitions."""
     model.eval()
-    loss, correct, total = 0.0, 0, 0
+    distributed = D.is_distributed()
+    loss, batches, correct, total = 0.0, len(loader), 0, 0
     for images, labels in progress(loader, "test", enabled=show):
         images, labels = images.to(device), labels.to(device)
         out = model(images)
-        loss += mse_onehot(out, labels, outs).item() / len(loader)
+        value = mse_onehot(out, labels, outs).item()
+        loss += value if distributed else value / len(loader)  # the reference's running mean
         correct += (out.argmax(1) == labels).sum().item()
         total += labels.numel()
     model.train()
+    if distributed:  # mean over every rank's batches
+        loss, batches, correct, total = D.sum_over_ranks([loss, batches, correct, total])
+        loss /= max(batches, 1)
     return loss, 100.0 * correct / max(total, 1)
 
 

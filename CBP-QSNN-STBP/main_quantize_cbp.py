@@ -19,12 +19,12 @@ import torch
 
 from cbp import CBP, MODES, clip_gradients, param_groups
 from cbp import cfs as model_cfs
+from cbp import distributed as D
 from cbp.checkpoint import load_into
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
 from cbp.runtime import (
     Scalars,
-    gpu_to_device,
     progress,
     rng_state,
     run_main,
@@ -71,12 +71,13 @@ def evaluate(args, model, test_dl, device, outs) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    device = engine.setup(args)
     print(args)
-    device = gpu_to_device(args.gpu, args.device)
     seed_everything(args.seed)
-    train_dl, test_dl, outs = engine.loaders(args)
-    model = Q_Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T,
-                       mode=args.quant, width=args.width).to(device)
+    with D.collective():
+        train_dl, test_dl, outs = engine.loaders(args)
+        model = Q_Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T,
+                           mode=args.quant, width=args.width).to(device)
     if args.mode == "eval":
         evaluate(args, model, test_dl, device, outs)
         return
@@ -92,14 +93,16 @@ def main(argv=None) -> None:
     fp32 = args.init_from or engine.pretrained_path(args.dataset)
     with Run(identity, outputs, lr_flag="--learning_rate") as run:
         state = None
-        if args.resume:
-            path = last_path if args.resume == "auto" else args.resume
-            state = run.resume(path, last_hint=f"resume from {last_path}")
-            load_into(model, state)
-        else:
-            engine.require_file(fp32, "pretrained fp32 checkpoint", f"download it from "
-                                f"{engine.DRIVE} or create it with: {engine.fp32_command(args)}")
-            load_into(model, fp32, allow_missing=(".scale",))
+        with D.collective():
+            if args.resume:
+                path = last_path if args.resume == "auto" else args.resume
+                state = run.resume(path, last_hint=f"resume from {last_path}")
+                load_into(model, state)
+            else:
+                engine.require_file(fp32, "pretrained fp32 checkpoint", f"download it from "
+                                    f"{engine.DRIVE} or create it with: "
+                                    f"{engine.fp32_command(args)}")
+                load_into(model, fp32, allow_missing=(".scale",))
         train(args, model, train_dl, test_dl, device, outs, run, state, name, progress_path)
 
 
@@ -125,8 +128,10 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
     else:
         cbp.start()  # initial lambda update with ucs = 0
 
-    tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
+    tb = Scalars((f"./runs/{name}" if args.logdir is None else args.logdir) if run.main else None)
+    net = engine.wrap(model)
     for epoch in range(start_epoch, args.num_epochs):
+        engine.set_epoch(train_dl, epoch)
         model.train()
         loss_train = 0.0
         for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",
@@ -134,7 +139,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
             model.zero_grad()
             optimizer.zero_grad()
             images, labels = images.to(device), labels.to(device)
-            loss = engine.mse_onehot(model(images), labels, outs)
+            loss = engine.mse_onehot(net(images), labels, outs)
             lag = cbp.lagrangian(loss)
             run.check_loss(lag, epoch, i)
             loss_train = loss_train + loss.detach() / len(train_dl)
@@ -167,19 +172,21 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
             **{k: entries[k] for k in ("optimizer2", "lamb", "period", "ucs", "g")},
             "progress": torch.tensor(rows, dtype=torch.float64),
         }
-        run.write_table(progress_path, rows)
-        if improved:
-            run.save(state, f"{out_dir}/{name}_best.pth")
-            run.save(model.state_dict(), pre_path)
-            run.save(pack_model(model), f"{out_dir}/{name}_packed.pth")
-        else:
-            run.save(state, f"{out_dir}/{name}.pth")
-        # the training state last: a run killed before it redoes this epoch on resume
-        run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
-                                 "best_epoch": best_epoch, "rng": rng_state()}),
-                 f"{out_dir}/{name}_last.pth")
+        with run.writes():
+            run.write_table(progress_path, rows)
+            if improved:
+                run.save(state, f"{out_dir}/{name}_best.pth")
+                run.save(model.state_dict(), pre_path)
+                run.save(pack_model(model), f"{out_dir}/{name}_packed.pth")
+            else:
+                run.save(state, f"{out_dir}/{name}.pth")
+            # the training state last: a run killed before it redoes this epoch on resume
+            run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
+                                     "best_epoch": best_epoch, "rng": rng_state()}),
+                     f"{out_dir}/{name}_last.pth")
         print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
     tb.close()
+    run.finish(model, cbp)
 
 
 if __name__ == "__main__":

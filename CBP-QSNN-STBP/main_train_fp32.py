@@ -15,11 +15,11 @@ import argparse
 
 import torch
 
+from cbp import distributed as D
 from cbp.checkpoint import load_into
 from cbp.run import Run
 from cbp.runtime import (
     Scalars,
-    gpu_to_device,
     progress,
     rng_state,
     run_main,
@@ -41,10 +41,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    device = engine.setup(args)
     print(args)
-    device = gpu_to_device(args.gpu, args.device)
     seed_everything(args.seed)
-    train_dl, test_dl, outs = engine.loaders(args)
+    with D.collective():
+        train_dl, test_dl, outs = engine.loaders(args)
     model = Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T, args.width).to(device)
     scale_init(model, args.init_gain)
     show = not args.no_progress
@@ -74,8 +75,9 @@ def main(argv=None) -> None:
         hist = {"loss_train_hist": [], "loss_test_hist": [], "test_acc_hist": []}
         if args.resume:
             path = last_path if args.resume == "auto" else args.resume
-            state = run.resume(path, last_hint=f"resume from {last_path}")
-            load_into(model, state)
+            with D.collective():
+                state = run.resume(path, last_hint=f"resume from {last_path}")
+                load_into(model, state)
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
             best_acc, start_epoch = float(state["best_acc"]), int(state["epoch"]) + 1
@@ -83,8 +85,10 @@ def main(argv=None) -> None:
             print(f"resumed from {path} at epoch {start_epoch + 1}")
 
         logdir = f"./runs/{args.dataset}_fp32" if args.logdir is None else args.logdir
-        tb = Scalars(logdir)
+        tb = Scalars(logdir if run.main else None)
+        net = engine.wrap(model)
         for epoch in range(start_epoch, args.num_epochs):
+            engine.set_epoch(train_dl, epoch)
             model.train()
             running_loss, loss_train = 0.0, 0.0
             for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",
@@ -92,7 +96,7 @@ def main(argv=None) -> None:
                 model.zero_grad()
                 optimizer.zero_grad()
                 images, labels = images.to(device), labels.to(device)
-                loss = engine.mse_onehot(model(images), labels, outs)
+                loss = engine.mse_onehot(net(images), labels, outs)
                 run.check_loss(loss, epoch, i)
                 running_loss += loss.item() / len(train_dl)
                 loss_train += loss.item() / len(train_dl)
@@ -122,15 +126,17 @@ def main(argv=None) -> None:
             best_acc = max(best_acc, acc)
             state = {"epoch": epoch, "net": model.state_dict(),
                      "optimizer": optimizer.state_dict(), **hist}
-            if improved:
-                run.save(state, f"{out_dir}/{args.dataset}_best.pth")
-                run.save(model.state_dict(), pre_path)
-            else:
-                run.save(state, f"{out_dir}/{args.dataset}.pth")
-            # the training state last: a run killed before it redoes this epoch on resume
-            run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng_state()}),
-                     last_path)
+            with run.writes():
+                if improved:
+                    run.save(state, f"{out_dir}/{args.dataset}_best.pth")
+                    run.save(model.state_dict(), pre_path)
+                else:
+                    run.save(state, f"{out_dir}/{args.dataset}.pth")
+                # the training state last: a run killed before it redoes this epoch on resume
+                run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng_state()}),
+                         last_path)
         tb.close()
+        run.finish(model)
     print(f"Best Test Accuracy : {best_acc}; pretrained weights in {pre_path}")
 
 

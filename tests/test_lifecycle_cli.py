@@ -186,10 +186,14 @@ def kept(before: dict[str, str], folder: Path) -> None:
     assert not [k for k in now if k.endswith(".tmp") or k.endswith(".lock")], now
 
 
-@pytest.fixture(scope="module", params=list(PIPELINES))
-def done(request, tmp_path_factory):
-    """A folder where the fp32 training and a 2-epoch ternary CBP run have finished."""
-    name = request.param
+_DONE: dict[str, tuple] = {}
+
+
+def _finished(name: str, tmp_path_factory) -> tuple:
+    """A folder where the fp32 training and a 2-epoch ternary CBP run have finished (made once
+    per test session and pipeline)."""
+    if name in _DONE:
+        return _DONE[name]
     p = PIPELINES[name]
     d = tmp_path_factory.mktemp(name)
     if name == "TSSL-BP":
@@ -200,7 +204,18 @@ def done(request, tmp_path_factory):
             assert code == 0, out + err
         writes = files._writes  # of the CBP run
     assert (d / p.last).is_file() and (d / p.prequantized).is_file()
-    return name, p, d, writes
+    _DONE[name] = (name, p, d, writes)
+    return _DONE[name]
+
+
+@pytest.fixture(params=list(PIPELINES))
+def done(request, tmp_path_factory):
+    return _finished(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def done_by_name(tmp_path_factory):
+    return lambda name: _finished(name, tmp_path_factory)[2]
 
 
 def copy(d: Path, dst: Path) -> Path:
@@ -329,3 +344,54 @@ def test_nan_weights_are_refused_for_training_and_reported_by_eval(done, tmp_pat
     code, out, err = inproc(p, p.cbp[0], p.eval, work, monkeypatch)
     assert code == 0, err
     assert "warning: " in err and "non-finite" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- distributed
+DISTRIBUTED = ["STBP", "SEW-ResNet"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(p: Pipeline, script: str, args: list[str], cwd: Path, **extra: str):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(p.directory / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("name", DISTRIBUTED)
+def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_name, tmp_path):
+    """torchrun, 2 gloo ranks: CBP ends with weights and multipliers bit-identical on both
+    ranks; a NaN on rank 1 only ends both ranks with rank 1's line, and no file changes."""
+    p, d = PIPELINES[name], done_by_name(name)
+    work = copy(d, tmp_path / "w")
+    ranks = tmp_path / "ranks"
+    cpu = ["--device", "cpu"] if name == "STBP" else []
+    proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_RANK_STATE_DIR=str(ranks))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(ranks / "rank0.pth", weights_only=True)
+    r1 = torch.load(ranks / "rank1.pth", weights_only=True)
+    assert r0["g"] == r1["g"] and r0["ucs"] == r1["ucs"] and len(r0["lamb"]) > 0
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    assert all(torch.equal(x, y) for x, y in zip(r0["lamb"], r1["lamb"]))
+    # only rank 0 prints and writes
+    assert proc.stdout.count("Namespace(") == 1
+
+    before = snapshot(work)
+    proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="2:nan@1")
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert sorted(errors) == sorted([
+        f"error: rank 1: training diverged at epoch 0, batch 1: loss = nan; no file was "
+        f"written for this epoch (try a lower learning rate, {p.lr})",
+        f"error: training diverged at epoch 0, batch 1: loss = nan; no file was written for "
+        f"this epoch (try a lower learning rate, {p.lr})"]), proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr and "Connection closed" not in proc.stderr
+    assert snapshot(work) == before

@@ -56,33 +56,6 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
-def init_distributed(dist_url: str = "env://", device: str | None = None) -> bool:
-    """Join the process group that torchrun / ``torch.distributed.launch --use_env`` describe
-    (NCCL on CUDA, gloo on CPU or with ``device='cpu'``).  Printing is left to rank 0."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and (device is None or "cpu" not in device)
-        backend = "nccl" if cuda else "gloo"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend, init_method=dist_url)
-    if D.rank() != 0:  # only rank 0 prints to stdout; errors (stderr) still show
-        import builtins
-        import sys
-
-        _print = builtins.print
-
-        def _quiet(*a, **k):
-            if k.get("file") is sys.stderr:
-                _print(*a, **k)
-
-        builtins.print = _quiet
-    return D.is_distributed()
-
-
 def loaders(train_set: Dataset, test_set: Dataset, batch_size: int, workers: int,
             distributed: bool, drop_last_train: bool = False, device: torch.device | None = None
             ) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
@@ -224,12 +197,6 @@ def _topk_correct(output: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list
     return [int(hit[:, : min(k, maxk)].any(1).sum()) for k in ks]
 
 
-def _reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    D.all_reduce_sum(t)
-    return t.tolist()
-
-
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     controller: cbp.CBP | None, scaler: torch.amp.GradScaler,
                     device: torch.device, s: Settings, epoch: int,
@@ -272,7 +239,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             print(f"Epoch: [{epoch}] [{i + 1}/{len(loader)}] loss: {loss_sum / n:.4f} "
                   f"acc1: {100 * c1 / n:.3f} acc5: {100 * c5 / n:.3f} "
                   f"lr: {optimizer.param_groups[0]['lr']:.6g} samples/s: {rate:.1f}")
-    loss_sum, c1, c5, n = _reduce([loss_sum, c1, c5, n], device)
+    loss_sum, c1, c5, n = D.sum_over_ranks([loss_sum, c1, c5, n], device)
     n = max(n, 1)
     return loss_sum / n, 100.0 * c1 / n, 100.0 * c5 / n
 
@@ -291,17 +258,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         a1, a5 = _topk_correct(out, y)
         c1, c5, n = c1 + a1, c5 + a5, n + bs
-    loss_sum, c1, c5, n = _reduce([loss_sum, c1, c5, n], device)
+    loss_sum, c1, c5, n = D.sum_over_ranks([loss_sum, c1, c5, n], device)
     n = max(n, 1)
     return loss_sum / n, 100.0 * c1 / n, 100.0 * c5 / n
-
-
-def test_only(model: nn.Module, path: str, hint: str, loader: DataLoader,
-              device: torch.device, show: bool = True) -> tuple[float, float, float]:
-    """Load the prequantized (or any plain) state dict strictly and evaluate it."""
-    require_file(path, "checkpoint", hint)
-    load_into(model, load_checkpoint_file(path), nonfinite="warn")
-    return evaluate(model, loader, device, show)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -340,8 +299,9 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
     start_epoch = s.start_epoch
     if s.resume:
         latest = os.path.join(layout.ckpt_dir, "checkpoint_latest.pth")
-        state = r.resume(s.resume, last_hint=f"resume from {latest}",
-                         safe=(argparse.Namespace,), needs=("epoch", "progress"))
+        with D.collective():
+            state = r.resume(s.resume, last_hint=f"resume from {latest}",
+                             safe=(argparse.Namespace,), needs=("epoch", "progress"))
         load_into(model, extract_state_dict(state))
         optimizer.load_state_dict(state["optimizer1" if controller else "optimizer"])
         if controller is not None:
@@ -395,46 +355,10 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         if improved:
             best["max_test_acc1"], best["test_acc5_at_max_test_acc1"] = st.test_acc1, st.test_acc5
         last = st
-        if not main:
-            continue
-        if layout.tb_scalars is not None:
-            train_sc, test_sc = layout.tb_scalars(st)
-            for k, v in train_sc.items():
-                tb_train.add(k, v, epoch)
-            for k, v in test_sc.items():
-                tb_test.add(k, v, epoch)
-            if controller is not None:
-                for k, v in (("cbp/g", controller.g), ("cbp/ucs", controller.ucs),
-                             ("cbp/lambda_mean", controller.lambda_mean()), ("cbp/cfs", st.cfs)):
-                    tb_train.add(k, v, epoch)
-        state = {
-            layout.model_key: model.state_dict(),
-            "epoch": epoch,
-            "progress": torch.tensor(rows, dtype=torch.float64),
-            "args": plain_args(args),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-            **best,
-        }
-        if controller is not None:
-            state.update({"optimizer1": optimizer.state_dict(),
-                          **controller.checkpoint_entries()})
-        else:
-            state.update({"optimizer": optimizer.state_dict(),
-                          "lr_scheduler": scheduler.state_dict()})
-        state = r.checkpoint(state)
-        r.write_table(layout.progress_file, rows)
-        if layout.keep_epoch(epoch, s.epochs):
-            r.save(state, os.path.join(layout.ckpt_dir, f"checkpoint_{epoch}.pth"))
-        if improved:
-            r.save(state, os.path.join(layout.ckpt_dir, layout.best_name))
-            if layout.final_weights:
-                sd = model.state_dict()
-                r.save({"model": sd} if layout.final_wrap else sd, layout.final_weights)
-            if controller is not None:  # low-bit export of the best weights
-                r.save(pack_model(model), os.path.join(layout.ckpt_dir, f"packed_{quant}.pth"))
-        # the training state last: a run killed before it redoes this epoch on resume
-        r.save(state, os.path.join(layout.ckpt_dir, "checkpoint_latest.pth"))
+        with r.writes():
+            if main:
+                _write_epoch(r, model, optimizer, controller, scheduler, scaler, s, layout, args,
+                             quant, st, rows, best, improved, tb_train, tb_test)
     tb_train.close()
     if not same:
         tb_test.close()
@@ -449,7 +373,53 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
                 "lr": [g["lr"] for g in optimizer.param_groups],
                 "lamb": [lam.detach().clone() for lam in controller.lambdas] if controller else []}
         save_atomic(dump, os.path.join(s.rank_state_dir, f"rank{D.rank()}.pth"))
+    r.finish(model, controller)
     return summary
+
+
+def _write_epoch(r: Run, model, optimizer, controller, scheduler, scaler, s: Settings,
+                 layout: Layout, args, quant, st: Stats, rows, best, improved, tb_train,
+                 tb_test) -> None:
+    """The main process's files and scalars of a finished epoch."""
+    epoch = st.epoch
+    if layout.tb_scalars is not None:
+        train_sc, test_sc = layout.tb_scalars(st)
+        for k, v in train_sc.items():
+            tb_train.add(k, v, epoch)
+        for k, v in test_sc.items():
+            tb_test.add(k, v, epoch)
+        if controller is not None:
+            for k, v in (("cbp/g", controller.g), ("cbp/ucs", controller.ucs),
+                         ("cbp/lambda_mean", controller.lambda_mean()), ("cbp/cfs", st.cfs)):
+                tb_train.add(k, v, epoch)
+    state = {
+        layout.model_key: model.state_dict(),
+        "epoch": epoch,
+        "progress": torch.tensor(rows, dtype=torch.float64),
+        "args": plain_args(args),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        **best,
+    }
+    if controller is not None:
+        state.update({"optimizer1": optimizer.state_dict(),
+                      **controller.checkpoint_entries()})
+    else:
+        state.update({"optimizer": optimizer.state_dict(),
+                      "lr_scheduler": scheduler.state_dict()})
+    state = r.checkpoint(state)
+    r.write_table(layout.progress_file, rows)
+    if layout.keep_epoch(epoch, s.epochs):
+        r.save(state, os.path.join(layout.ckpt_dir, f"checkpoint_{epoch}.pth"))
+    if improved:
+        r.save(state, os.path.join(layout.ckpt_dir, layout.best_name))
+        if layout.final_weights:
+            sd = model.state_dict()
+            r.save({"model": sd} if layout.final_wrap else sd, layout.final_weights)
+        if controller is not None:  # low-bit export of the best weights
+            r.save(pack_model(model), os.path.join(layout.ckpt_dir, f"packed_{quant}.pth"))
+    # the training state last: a run killed before it redoes this epoch on resume
+    r.save(state, os.path.join(layout.ckpt_dir, "checkpoint_latest.pth"))
 
 
 @dataclass
@@ -477,39 +447,33 @@ class Pipeline:
     dataset: str = ""
 
 
-def on_main_first(fn: Callable[[], object]) -> object:
-    """Run ``fn`` on rank 0 first (e.g. to build a frame cache), then on the other ranks."""
-    import torch.distributed as dist
-
-    if D.is_distributed() and not D.is_main_process():
-        dist.barrier()
-    out = fn()
-    if D.is_distributed() and D.is_main_process():
-        dist.barrier()
-    return out
-
-
 def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
-    """The whole script: distributed set-up, seed, data, model, then test-only or training."""
-    distributed = init_distributed(p.dist_url, p.device)
-    device = resolve_device(p.device)
+    """The whole script: distributed set-up, seed, data, model, then test-only or training.
+    Under torchrun an error on one rank ends every rank with that rank's line."""
+    distributed = D.init_from_env(device=p.device, init_method=p.dist_url)
+    with D.collective():
+        device = resolve_device(p.device)
     seed_everything(p.seed, deterministic=True)
     print(args)
-    train_set, test_set = on_main_first(p.datasets)
-    train_loader, test_loader, sampler = loaders(
-        train_set, test_set, p.batch_size, p.workers, distributed, p.drop_last_train, device)
-    mode = p.quant
-    model = p.build_model(mode)
-    if p.sync_bn and distributed:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            print("note: --sync-bn needs CUDA; keeping per-process BatchNorm on CPU")
-    model.to(device)
+    train_set, test_set = D.first_then_others(p.datasets)
+    with D.collective():
+        train_loader, test_loader, sampler = loaders(
+            train_set, test_set, p.batch_size, p.workers, distributed, p.drop_last_train, device)
+        mode = p.quant
+        model = p.build_model(mode)
+        if p.sync_bn and distributed:
+            if device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                print("note: --sync-bn needs CUDA; keeping per-process BatchNorm on CPU")
+        model.to(device)
+        if p.test_only:
+            path = p.prequantized if mode else p.pretrained
+            hint = p.prequantized_hint if mode else p.pretrained_hint
+            require_file(path, "checkpoint", hint)
+            load_into(model, load_checkpoint_file(path), nonfinite="warn")
     if p.test_only:
-        path = p.prequantized if mode else p.pretrained
-        hint = p.prequantized_hint if mode else p.pretrained_hint
-        loss, acc1, acc5 = test_only(model, path, hint, test_loader, device, p.settings.show)
+        loss, acc1, acc5 = evaluate(model, test_loader, device, p.settings.show)
         if p.test_only_report is not None:
             p.test_only_report(loss, acc1, acc5)
         else:
@@ -525,7 +489,8 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
                          "T": getattr(args, "T", None)}
     if p.settings.resume == "auto":
         p.settings.resume = os.path.join(p.layout.ckpt_dir, "checkpoint_latest.pth")
-    if mode and not p.settings.resume:
-        load_pretrained(model, p.pretrained, p.pretrained_hint)
+    with D.collective():
+        if mode and not p.settings.resume:
+            load_pretrained(model, p.pretrained, p.pretrained_hint)
     return run(model, train_loader, test_loader, sampler, device, p.settings, p.layout, args,
                mode)

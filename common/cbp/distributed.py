@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,18 +39,134 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(t, src=src)
 
 
-def init_from_env(backend: str | None = None, device: torch.device | str | None = None) -> bool:
-    """Initialise the default process group from torchrun / torch.distributed.launch variables.
+def init_from_env(backend: str | None = None, device: torch.device | str | None = None,
+                  init_method: str = "env://", quiet: bool = True) -> bool:
+    """Join the process group that torchrun / ``torch.distributed.launch --use_env`` describe.
 
-    Returns True when running distributed.  The backend defaults to NCCL for CUDA devices
-    (``device`` if given, else CUDA availability) and gloo otherwise.
+    Returns True when running distributed.  The backend defaults to NCCL when the run is on
+    CUDA (``device`` if given, else CUDA availability; each rank then takes the GPU of its
+    LOCAL_RANK) and gloo otherwise.  ``quiet``: only rank 0 prints to stdout.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
-    if dist.is_initialized():
-        return True
-    if backend is None:
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        backend = "nccl" if on_cuda else "gloo"
-    dist.init_process_group(backend=backend)
-    return True
+    if not dist.is_initialized():
+        if backend is None:
+            on_cuda = torch.cuda.is_available() and (
+                device is None or torch.device(device).type == "cuda")
+            backend = "nccl" if on_cuda else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend, init_method=init_method)
+    if quiet:
+        quiet_other_ranks()
+    return is_distributed()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def quiet_other_ranks() -> None:
+    """Only rank 0 prints to stdout; every rank still prints to stderr (errors, warnings)."""
+    if rank() == 0:
+        return
+    import builtins
+    import sys
+
+    _print = builtins.print
+
+    def _quiet(*a, **k):
+        if k.get("file") is sys.stderr:
+            _print(*a, **k)
+
+    builtins.print = _quiet
+
+
+def _user_error() -> type:
+    from .runtime import UserError
+
+    return UserError
+
+
+class RankError(_user_error()):
+    """Raised on every rank when another rank failed: carries that rank's one-line message."""
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def agree(error: BaseException | None) -> None:
+    """A collective check-point: every rank says whether it failed.  If one did, every rank
+    stops: the failing rank re-raises its own error, the others raise :class:`RankError` with
+    ``rank N: <its message>`` (instead of hanging at, or crashing in, the next collective).
+    Single process: re-raises ``error`` if given."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    from .runtime import UserError
+
+    mine = None
+    if error is not None:
+        mine = _line(error) if isinstance(error, UserError) else \
+            f"{type(error).__name__}: {_line(error)}"
+    messages: list[str | None] = [None] * world_size()
+    dist.all_gather_object(messages, mine)
+    for r, text in enumerate(messages):
+        if text is not None:
+            if error is not None:
+                raise error
+            # let the failing rank print its own line first (the launcher stops every rank
+            # as soon as one exits)
+            time.sleep(0.5)
+            raise RankError(f"rank {r}: {text}")
+
+
+class collective:  # noqa: N801 - used as a context manager
+    """``with collective(): ...`` runs the block on every rank, then :func:`agree` on whether
+    it raised, so an error on one rank ends every rank with that rank's message."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, SystemExit: not caught
+        agree(exc)
+        return False
+
+
+def first_then_others(fn):
+    """Run ``fn`` on rank 0 first (e.g. to build a cache), then on the other ranks; an error
+    on either side ends every rank (see :func:`agree`)."""
+    out, error = None, None
+    if is_main_process():
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - handed to every rank
+            error = exc
+        agree(error)
+        agree(None)
+        return out
+    agree(None)
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    agree(error)
+    return out
+
+
+def shard_indices(n: int) -> list[int]:
+    """This rank's share of ``range(n)`` for evaluation (every sample once over all ranks, no
+    padding, unlike ``DistributedSampler``)."""
+    return list(range(rank(), n, world_size()))
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    all_reduce_sum(t)
+    return t.tolist()

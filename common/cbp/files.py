@@ -12,7 +12,8 @@ Any ``OSError`` while writing becomes :class:`WriteError`, a one-line user error
 ``CBP_FAILPOINT`` (testing hook) injects a fault: ``3:oserror`` raises ``OSError(ENOSPC)``
 inside the third write of this process, ``3:kill`` kills the process with SIGKILL after the
 third write's temporary file is complete and before it is renamed, and ``3:nan`` turns the
-third training loss that :meth:`cbp.run.Run.check_loss` sees into NaN.
+third training loss that :meth:`cbp.run.Run.check_loss` sees into NaN.  A suffix ``@R``
+limits the fault to the process of rank R (``3:nan@1``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def _umask() -> int:
 
 
 def _failpoint_spec() -> tuple[int, str]:
-    number, _, kind = os.environ.get("CBP_FAILPOINT", "").partition(":")
+    spec, _, only_rank = os.environ.get("CBP_FAILPOINT", "").partition("@")
+    if only_rank and only_rank != os.environ.get("RANK", "0"):
+        return 0, ""
+    number, _, kind = spec.partition(":")
     return (int(number), kind) if number else (0, "")
 
 

@@ -89,8 +89,13 @@ class Run:
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> Run:
+        error = None
         if self._lock is not None:
-            self._lock.acquire()
+            try:
+                self._lock.acquire()
+            except Exception as exc:  # noqa: BLE001 - every rank stops with it
+                error = exc
+        D.agree(error)
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -103,6 +108,23 @@ class Run:
             raise Diverged(f"{where}: {str(exc).splitlines()[0]}; no file was written for this "
                            f"epoch (try a lower learning rate, {self.lr_flag})") from None
 
+    def writes(self) -> D.collective:
+        """``with run.writes(): ...`` around the main process's writes of an epoch: an error
+        there (disk full, ...) ends every rank with its line instead of leaving them waiting."""
+        return D.collective()
+
+    def finish(self, model: nn.Module, controller: Any = None) -> None:
+        """Testing hook: with ``CBP_RANK_STATE_DIR`` set, every rank saves its final weights
+        and multipliers there as ``rank<r>.pth`` (to compare ranks after a distributed run)."""
+        folder = os.environ.get("CBP_RANK_STATE_DIR")
+        if not folder:
+            return
+        state = {"model": model.state_dict(), "lamb": [], "g": None, "ucs": None}
+        if controller is not None:
+            state.update(lamb=[lam.detach().clone() for lam in controller.lambdas],
+                         g=controller.g, ucs=controller.ucs)
+        save_atomic(state, os.path.join(folder, f"rank{D.rank()}.pth"))
+
     def continue_files(self) -> None:
         """Treat the outputs as this run's own (after a resume): no backups are made."""
         self._replaced.update(self.outputs)
@@ -113,12 +135,22 @@ class Run:
         self._at = (epoch, batch)
         if failpoint_nan():
             value = float("nan")
-        if not _finite(value):
+        bad = not _finite(value)
+        error = None
+        if bad:
             v = float(value.detach().float().sum()) if isinstance(value, torch.Tensor) else value
-            raise Diverged(
+            error = Diverged(
                 f"training diverged at epoch {epoch}, batch {batch}: loss = {v}; no file was "
                 f"written for this epoch (try a lower learning rate, {self.lr_flag})"
             )
+        if D.is_distributed():  # every rank stops in the same batch
+            dev = value.device if isinstance(value, torch.Tensor) else "cpu"
+            flag = torch.tensor([float(bad)], device=dev)
+            D.all_reduce_sum(flag)
+            if float(flag) > 0:
+                D.agree(error)
+        elif error is not None:
+            raise error
 
     def check_epoch(self, model: nn.Module, epoch: int, lagsum: float | None = None) -> None:
         """Before anything of the epoch is written: finite lagsum and finite parameters."""
