@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cbp import CBP, MODES, clip_gradients, param_groups
+from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
@@ -33,7 +34,6 @@ from cbp.runtime import (
     progress,
     rng_state,
     run_main,
-    select_device,
     set_rng_state,
 )
 
@@ -142,15 +142,18 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
         if args.resume:
             path = f["last"] if args.resume == "auto" else args.resume
             if args.resume != "auto" or os.path.isfile(path):
-                resume_state = run.resume(path, last_hint=f"resume from {f['last']}")
+                with D.collective():
+                    resume_state = run.resume(path, last_hint=f"resume from {f['last']}")
                 if int(resume_state["epoch"]) + 1 >= args.epochs:
                     print(f"trial {trial} already finished ({path})")
                     return
         if resume_state is None:
             E.seed_all(args.seed + trial)
-            calib_ckpt = convert_trial(args, trial, train_loader, test_loader, device, show)
+            with D.collective():
+                calib_ckpt = convert_trial(args, trial, train_loader, test_loader, device, show)
             pending = {f["calib"]: calib_ckpt}
             snn_q = E.load_calibrated_snn_q(args, calib_ckpt, device)
+            D.broadcast_(list(snn_q.state_dict().values()))  # every rank starts from rank 0's
             extras = {"pool_bias_dict": calib_ckpt.get("pool_bias_dict", {}),
                       "mem_pot_init_dict": calib_ckpt.get("mem_pot_init_dict", {})}
         else:
@@ -159,9 +162,11 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
                       "mem_pot_init_dict": resume_state.get("mem_pot_init_dict", {})}
             snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
             state = extract_state_dict(resume_state)
-            check_finite(state, f["last"])
-            snn_q.load_state_dict(state)
-        _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, run,
+            with D.collective():
+                check_finite(state, f["last"])
+                snn_q.load_state_dict(state)
+        train_part, test_part = E.shard(train_loader, test_loader, args.seed + trial)
+        _train(args, trial, snn_q, extras, train_part, test_part, device, show, run,
                resume_state, f, pending)
 
 
@@ -185,18 +190,21 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
         cbp.start()  # initial lambda update with ucs = 0
     print(f"Start Quantization ({args.quant}, {cbp.param_size} quantized weights)")
 
-    tb = Scalars(f"./runs/{f['run']}" if args.logdir is None else
-                 (os.path.join(args.logdir, f"trial{trial}") if args.logdir else ""))
+    tb = Scalars((f"./runs/{f['run']}" if args.logdir is None else
+                  (os.path.join(args.logdir, f"trial{trial}") if args.logdir else ""))
+                 if run.main else None)
     snapshots = set(snapshot_epochs(args.epochs))
+    net = E.wrap(snn_q, device)
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
+        E.set_epoch(train_loader, epoch)
         snn_q.train()
         train_loss, train_correct, n = 0.0, 0, 0
         for idx, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch}",
                                                         enabled=show)):
             optimizer.zero_grad()
             images, labels = images.to(device), labels.to(device)
-            outputs = snn_q(images)
+            outputs = net(images)
             loss = F.cross_entropy(outputs, labels)
             lag = cbp.lagrangian(loss)
             run.check_loss(lag, epoch, idx)
@@ -244,26 +252,29 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
             "max_test_acc": max_test_acc,
             **extras,
         })
-        while pending:
-            path, obj = pending.popitem()
-            run.save(obj, path)
-        run.write_table(f["progress"], rows)
-        if save_max:
-            run.save(checkpoint, f["best"])
-            run.save(pack_model(snn_q), f["packed"])
-        if epoch in snapshots:
-            run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
-        # the training state last: a run killed before it redoes this epoch on resume
-        run.save({**checkpoint, "rng": rng_state()}, f["last"])
+        with run.writes():
+            while pending:
+                path, obj = pending.popitem()
+                run.save(obj, path)
+            run.write_table(f["progress"], rows)
+            if save_max:
+                run.save(checkpoint, f["best"])
+                run.save(pack_model(snn_q), f["packed"])
+            if epoch in snapshots:
+                run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
+            # the training state last: a run killed before it redoes this epoch on resume
+            run.save({**checkpoint, "rng": rng_state()}, f["last"])
         total_time = time.time() - start
         eta = datetime.datetime.now() + datetime.timedelta(seconds=total_time * (args.epochs - epoch))
         print(f"epoch={epoch}, train_loss={train_loss}, train_acc={train_acc}, "
               f"test_loss={test_loss}, test_acc={test_acc}, max_test_acc={max_test_acc}, "
               f"cfs={cfs}, total_time={total_time}, "
               f"escape_time={eta.strftime('%Y-%m-%d %H:%M:%S')}")
-    for path, obj in pending.items():  # no epoch to run: the conversion alone
-        run.save(obj, path)
+    with run.writes():
+        for path, obj in pending.items():  # no epoch to run: the conversion alone
+            run.save(obj, path)
     tb.close()
+    run.finish(snn_q, cbp)
     print(f"trial {trial}: max_test_acc={max_test_acc}, weight memory "
           f"{weight_memory_mbit(snn_q):.4f} Mbit")
 
@@ -294,7 +305,7 @@ def _qmods(model):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = select_device(args.device)
+    device = E.setup_device(args.device)
     print(args)
     show = not args.no_progress
     if args.evaluate:
@@ -311,7 +322,8 @@ def main(argv=None) -> None:
                         "(run without --resume first)")
     if not (args.resume == "auto" and all(have_last)) and args.resume in (None, "auto"):
         E.require_ann(args)  # a trial still has to be converted from the ANN
-    train_loader, test_loader = E.loaders(args, device)
+    with D.collective():
+        train_loader, test_loader = E.loaders(args, device)
     for trial in range(args.trials):
         cbp_trial(args, trial, train_loader, test_loader, device, show)
 

@@ -20,6 +20,7 @@ import calib_engine as E
 import torch
 from torch import nn
 
+from cbp import distributed as D
 from cbp.checkpoint import extract_state_dict, load_into
 from cbp.run import Run
 from cbp.runtime import (
@@ -28,7 +29,6 @@ from cbp.runtime import (
     progress,
     rng_state,
     run_main,
-    select_device,
     set_rng_state,
 )
 
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = select_device(args.device)
+    device = E.setup_device(args.device)
     E.seed_all(args.seed)
     lr = args.learning_rate if args.learning_rate is not None else (0.1 if args.usebn else 0.01)
     wd = args.wd if args.wd is not None else (5e-4 if args.usebn else 1e-4)
@@ -57,7 +57,9 @@ def main(argv=None) -> None:
         raise UserError(f"--wd must be >= 0, got {wd}")
     print(args)
     print(f"use_bn={args.usebn} lr={lr} wd={wd}")
-    train_loader, test_loader = E.loaders(args, device)
+    with D.collective():
+        train_loader, test_loader = E.loaders(args, device)
+    train_loader, _ = E.shard(train_loader, test_loader, args.seed)  # every rank tests on all
     show = not args.no_progress
     save_path = E.ann_path(args)
     stem = os.path.basename(save_path).replace("_ckpt.pth", "")
@@ -74,8 +76,9 @@ def main(argv=None) -> None:
         best_acc, best_epoch, start_epoch = 0.0, 0, 0
         if args.resume:
             path = last_path if args.resume == "auto" else args.resume
-            state = run.resume(path, last_hint=f"resume from {last_path}")
-            load_into(ann, extract_state_dict(state))
+            with D.collective():
+                state = run.resume(path, last_hint=f"resume from {last_path}")
+                load_into(ann, extract_state_dict(state))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
@@ -83,16 +86,19 @@ def main(argv=None) -> None:
             set_rng_state(state["rng"])
             print(f"resumed from {path} at epoch {start_epoch}")
 
-        tb = Scalars(f"./runs/{stem}" if args.logdir is None else args.logdir)
+        tb = Scalars((f"./runs/{stem}" if args.logdir is None else args.logdir)
+                     if run.main else None)
+        net = E.wrap(ann, device)
         for epoch in range(start_epoch, args.epochs):
             running_loss, start = 0.0, time.time()
+            E.set_epoch(train_loader, epoch)
             ann.train()
             seen, total_loss = 0, 0.0
             for i, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch + 1}",
                                                           enabled=show)):
                 optimizer.zero_grad()
                 images, labels = images.to(device), labels.to(device)
-                loss = criterion(ann(images), labels)
+                loss = criterion(net(images), labels)
                 run.check_loss(loss, epoch, i)
                 running_loss += loss.item()
                 total_loss += loss.item() * labels.numel()
@@ -116,14 +122,16 @@ def main(argv=None) -> None:
             tb.add("loss/train", total_loss / max(seen, 1), epoch)
             tb.add("accuracy/test", acc, epoch)
             tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
-            if improved:
-                run.save(ann.state_dict(), save_path)
-            # the training state last: a run killed before it redoes this epoch on resume
-            run.save(run.checkpoint({
-                "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                "best_epoch": best_epoch, "rng": rng_state()}), last_path)
+            with run.writes():
+                if improved:
+                    run.save(ann.state_dict(), save_path)
+                # the training state last: a run killed before it redoes this epoch on resume
+                run.save(run.checkpoint({
+                    "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "best_acc": best_acc,
+                    "best_epoch": best_epoch, "rng": rng_state()}), last_path)
         tb.close()
+        run.finish(ann)
     print(f"best ANN weights: {save_path}")
 
 

@@ -11,10 +11,11 @@ import global_v as glv
 import torch
 from cnns import Network
 from network_parser import parse
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from cbp import MODES
 from cbp import data as cbp_data
+from cbp import distributed as D
 from cbp.data import CIFAR_MEAN, CIFAR_STD
 from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
@@ -144,10 +145,13 @@ def config_names(path: str) -> tuple[str, str]:
 
 def setup_logging(path: str) -> logging.Logger:
     """INFO log appended to ``path`` (a dedicated logger, not the root one)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     log = logging.getLogger(f"tsslbp.{os.path.abspath(path)}")
     log.setLevel(logging.INFO)
     log.propagate = False
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 logs
+        log.addHandler(logging.NullHandler())
+        return log
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if not log.handlers:
         handler = logging.FileHandler(path, mode="a")
         handler.setFormatter(logging.Formatter("%(levelname)s:%(message)s"))
@@ -156,9 +160,15 @@ def setup_logging(path: str) -> logging.Logger:
 
 
 def setup_device(args) -> torch.device:
+    """Join the process group when started by torchrun, then pick the device (``-device``, else
+    ``-gpu``, else cuda if available; each rank takes the GPU of its LOCAL_RANK)."""
     from cbp.runtime import gpu_to_device
 
-    device = gpu_to_device(str(args.gpu), args.device)
+    D.init_from_env(device=args.device if args.device not in (None, "", "auto") else None)
+    with D.collective():
+        device = gpu_to_device(str(args.gpu), args.device)
+        if D.is_distributed() and device.type == "cuda":
+            device = torch.device("cuda", D.local_rank())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -189,7 +199,12 @@ def loaders(net_cfg, workers: int | None, download: bool) -> tuple[DataLoader, D
         train_ds = cbp_data.cifar("CIFAR10", root, True, train_tf, download)
         test_ds = cbp_data.cifar("CIFAR10", root, False, test_tf, download)
         workers = 8 if workers is None else workers
-    train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, num_workers=workers)
+    if D.is_distributed():  # each rank: its sampler's share to train, every n-th sample to test
+        sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
+        train_dl = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=workers)
+        test_ds = Subset(test_ds, D.shard_indices(len(test_ds)))
+    else:
+        train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, num_workers=workers)
     test_dl = DataLoader(test_ds, batch_size=bs, shuffle=False, num_workers=workers)
     return train_dl, test_dl
 
@@ -219,10 +234,17 @@ def train_epoch(net: Network, loader: DataLoader, loss_fn: loss_f.SpikeLoss,
     ``run.check_loss`` stops on a non-finite value.  All weights take part in the gradient-norm
     clipping (max 1) and are clamped by ``weight_clipper`` after each step.
     """
-    net.train()
-    T = int(net.network_config["n_steps"])
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    model = net
+    if D.is_distributed():
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    T = int(model.network_config["n_steps"])
     loss_sum, correct, total = 0.0, 0, 0
-    for i, (images, labels) in enumerate(progress(loader, f"epoch {epoch}", enabled=show)):
+    for i, (images, labels) in enumerate(progress(loader, f"epoch {epoch}",
+                                                  enabled=show and D.is_main_process())):
         x = repeat_time(images.to(device, torch.float32), T)
         labels = labels.to(device)
         outputs = net(x, epoch, True)
@@ -230,15 +252,17 @@ def train_epoch(net: Network, loader: DataLoader, loss_fn: loss_f.SpikeLoss,
         lag = cbp.lagrangian(loss) if cbp is not None else loss
         if run is not None:
             run.check_loss(lag, epoch, i)
-        net.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         lag.backward()
-        torch.nn.utils.clip_grad_norm_(list(net.my_parameters), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.my_parameters), 1.0)
         optimizer.step()
-        net.weight_clipper()
+        model.weight_clipper()
         loss_sum += float(loss.detach())
         correct += int((loss_f.predict(outputs) == labels).sum())
         total += labels.numel()
+    if D.is_distributed():
+        loss_sum, correct, total = D.sum_over_ranks([loss_sum, correct, total])
     return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
 
 
@@ -248,12 +272,14 @@ def test(net: Network, loader: DataLoader, device: torch.device, show: bool = Tr
     net.eval()
     T = int(net.network_config["n_steps"])
     correct, total = 0, 0
-    for images, labels in progress(loader, "test", enabled=show):
+    for images, labels in progress(loader, "test", enabled=show and D.is_main_process()):
         x = repeat_time(images.to(device, torch.float32), T)
         labels = labels.to(device)
         correct += int((loss_f.predict(net(x, None, False)) == labels).sum())
         total += labels.numel()
     net.train()
+    if D.is_distributed():
+        correct, total = D.sum_over_ranks([correct, total])
     return 100.0 * correct / max(total, 1)
 
 

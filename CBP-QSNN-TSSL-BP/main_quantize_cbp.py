@@ -24,6 +24,7 @@ import torch
 from cnns import Network
 
 from cbp import CBP, MODES, cfs
+from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_state_dict
 from cbp.run import Run
@@ -114,9 +115,10 @@ def main(argv=None) -> None:
         net_cfg["lr"] = args.lr
     if args.lr_lambda is not None:
         net_cfg["lr_lambda"] = args.lr_lambda
-    train_dl, test_dl = engine.loaders(net_cfg, args.workers, args.download)
-    log.info("dataset loaded")
-    net = engine.build(params, train_dl, device, quantize=True)
+    with D.collective():
+        train_dl, test_dl = engine.loaders(net_cfg, args.workers, args.download)
+        log.info("dataset loaded")
+        net = engine.build(params, train_dl, device, quantize=True)
     if not net.q_layers_list:
         raise UserError(f"{args.config}: no layer has qtype q, nothing to quantize")
     show = not args.no_progress
@@ -143,17 +145,19 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
     resume = engine.resume_path(args, last_path)
     with Run(engine.identity(params, "cbp", dataset), outputs, lr_flag="-lr") as run:
         state = None
-        if resume:
-            state = run.resume(resume, last_hint=f"resume from {last_path} or a "
-                               "./progress/*.pth snapshot")
-            if "cbp" not in state and "lamb" not in state:
-                raise UserError(f"{resume} is not a CBP checkpoint; resume from {last_path}")
-            engine.load_weights(net, state["net"], resume)
-            net.set_scales(state["scales"])
-            print(f"resumed from {resume} at epoch {int(state['epoch']) + 1}")
-        else:
-            load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset),
-                             fp32_hint(args))
+        with D.collective():
+            if resume:
+                state = run.resume(resume, last_hint=f"resume from {last_path} or a "
+                                   "./progress/*.pth snapshot")
+                if "cbp" not in state and "lamb" not in state:
+                    raise UserError(f"{resume} is not a CBP checkpoint; resume from "
+                                    f"{last_path}")
+                engine.load_weights(net, state["net"], resume)
+                net.set_scales(state["scales"])
+                print(f"resumed from {resume} at epoch {int(state['epoch']) + 1}")
+            else:
+                load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset),
+                                 fp32_hint(args))
         _train(args, net_cfg, net, train_dl, test_dl, device, save_name, log, show, run, state,
                last_path, pre_path, progress_path)
 
@@ -180,7 +184,8 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
         ctl.start()  # initial lambda update with ucs = 0
 
     loss_fn = loss_f.SpikeLoss(net_cfg)
-    tb = Scalars(f"./runs/{save_name}" if args.logdir is None else args.logdir)
+    tb = Scalars((f"./runs/{save_name}" if args.logdir is None else args.logdir)
+                 if run.main else None)
     max_train_acc, min_loss = 0.0, float("inf")
     for e in range(start, int(net_cfg["epochs"])):
         log.info("\nEpoch: %d", e)
@@ -216,22 +221,24 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
             "progress": torch.tensor(rows, dtype=torch.float64),
             "best_acc": best_acc, "best_epoch": best_epoch, "rng": rng_state(),
         })
-        run.write_table(progress_path, rows)
-        weights = {**net.state_dict(), **net.scales()}
-        if improved:  # ties save too, as the reference's early stopping does
-            run.save({"net": weights, "accuracy": acc, "epoch": e},
-                     f"./checkpoint/{save_name}.pth")
-            run.save(weights, pre_path)
-            spec = {t.name: (t.scale, t.mode) for t in ctl.targets}
-            run.save(pack_state_dict(net.state_dict(), spec),
-                     f"./checkpoint/{save_name}_packed.pth")
-        if e % SAVE_EVERY == 0:
-            run.save({**full, "model_state_dict": net.state_dict(),
-                      "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
-                     f"./progress/{ds}_{mode}_{e}.pth")
-        # the training state last: a run killed before it redoes this epoch on resume
-        run.save(full, last_path)
+        with run.writes():
+            run.write_table(progress_path, rows)
+            weights = {**net.state_dict(), **net.scales()}
+            if improved:  # ties save too, as the reference's early stopping does
+                run.save({"net": weights, "accuracy": acc, "epoch": e},
+                         f"./checkpoint/{save_name}.pth")
+                run.save(weights, pre_path)
+                spec = {t.name: (t.scale, t.mode) for t in ctl.targets}
+                run.save(pack_state_dict(net.state_dict(), spec),
+                         f"./checkpoint/{save_name}_packed.pth")
+            if e % SAVE_EVERY == 0:
+                run.save({**full, "model_state_dict": net.state_dict(),
+                          "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
+                         f"./progress/{ds}_{mode}_{e}.pth")
+            # the training state last: a run killed before it redoes this epoch on resume
+            run.save(full, last_path)
     tb.close()
+    run.finish(net, ctl)
     log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
 

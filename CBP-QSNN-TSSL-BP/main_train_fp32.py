@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.run import Run
 from cbp.runtime import Scalars, UserError, rng_state, run_main, seed_everything, set_rng_state
@@ -45,8 +46,9 @@ def main(argv=None) -> None:
     epochs = int(net_cfg.get("epochs_fp32", net_cfg["epochs"])) if args.epochs is None \
         else args.epochs
     lr = args.lr or float(net_cfg.get("lr_fp32", net_cfg["lr"]))
-    train_dl, test_dl = engine.loaders(net_cfg, args.workers, args.download)
-    net = engine.build(params, train_dl, device, quantize=False)
+    with D.collective():
+        train_dl, test_dl = engine.loaders(net_cfg, args.workers, args.download)
+        net = engine.build(params, train_dl, device, quantize=False)
     show = not args.no_progress
     pre_path = engine.pretrained_path(dataset)
 
@@ -69,8 +71,9 @@ def main(argv=None) -> None:
     with Run(engine.identity(params, "fp32", dataset), outputs, lr_flag="-lr") as run:
         best_acc, best_epoch, start = 0.0, 0, 0
         if resume:
-            state = run.resume(resume, last_hint=f"resume from {last_path}")
-            engine.load_weights(net, extract_state_dict(state), resume)
+            with D.collective():
+                state = run.resume(resume, last_hint=f"resume from {last_path}")
+                engine.load_weights(net, extract_state_dict(state), resume)
             optimizer.load_state_dict(state["optimizer"])
             best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
             start = int(state["epoch"]) + 1
@@ -79,7 +82,8 @@ def main(argv=None) -> None:
         if epochs <= start:
             raise UserError(f"nothing to do: {epochs} epochs, starting at epoch {start}")
         loss_fn = loss_f.SpikeLoss(net_cfg)
-        tb = Scalars(f"./runs/{name}" if args.logdir is None else args.logdir)
+        tb = Scalars((f"./runs/{name}" if args.logdir is None else args.logdir)
+                     if run.main else None)
         for e in range(start, epochs):
             log.info("\nEpoch: %d", e)
             loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
@@ -96,15 +100,17 @@ def main(argv=None) -> None:
             tb.add("loss/train", loss, e)
             tb.add("accuracy/train", train_acc, e)
             tb.add("accuracy/test", acc, e)
-            if improved:
-                run.save({"net": net.state_dict(), "loss": acc, "epoch": e},
-                         f"./checkpoint/{name}.pth")
-                run.save(net.state_dict(), pre_path)
-            # the training state last: a run killed before it redoes this epoch on resume
-            run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
-                                     "rng": rng_state()}), last_path)
+            with run.writes():
+                if improved:
+                    run.save({"net": net.state_dict(), "loss": acc, "epoch": e},
+                             f"./checkpoint/{name}.pth")
+                    run.save(net.state_dict(), pre_path)
+                # the training state last: a run killed before it redoes this epoch on resume
+                run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
+                                         "rng": rng_state()}), last_path)
         tb.close()
+        run.finish(net)
     log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
 
