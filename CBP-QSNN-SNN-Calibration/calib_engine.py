@@ -17,7 +17,7 @@ from CIFAR.models.spiking_layer import SpikeModel, get_maximum_activation
 from CIFAR.models.utils import AvgPoolConv
 from CIFAR.models.vgg import VGG
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 
 from cbp import data as cbp_data
 from cbp import distributed as D
@@ -31,7 +31,6 @@ from cbp.runtime import (
     positive_int,
     progress,
     seed_everything,
-    select_device,
 )
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
@@ -128,43 +127,6 @@ def loaders(args, device: torch.device) -> tuple[DataLoader, DataLoader]:
     sub = torch.utils.data.Subset
     return (DataLoader(sub(train.dataset, range(min(n, len(train.dataset)))), shuffle=True, **kw),
             DataLoader(sub(test.dataset, range(min(n, len(test.dataset)))), shuffle=False, **kw))
-
-
-def setup_device(name: str | None) -> torch.device:
-    """Join the process group when started by torchrun, then the device (each rank takes the
-    GPU of its LOCAL_RANK on CUDA)."""
-    D.init_from_env(device=name if name not in (None, "", "auto") else None)
-    with D.collective():
-        device = select_device(name)
-        if D.is_distributed() and device.type == "cuda":
-            device = torch.device("cuda", D.local_rank())
-    return device
-
-
-def shard(train: DataLoader, test: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Under torch.distributed: each rank trains on its ``DistributedSampler`` share and tests
-    on every world-size-th sample (the loaders unchanged otherwise)."""
-    if not D.is_distributed():
-        return train, test
-    kw = {"batch_size": train.batch_size, "num_workers": train.num_workers,
-          "pin_memory": train.pin_memory}
-    train = DataLoader(train.dataset, sampler=DistributedSampler(train.dataset, seed=seed), **kw)
-    test = DataLoader(Subset(test.dataset, D.shard_indices(len(test.dataset))), shuffle=False,
-                      **kw)
-    return train, test
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-
-
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP under torch.distributed, the model itself otherwise."""
-    if not D.is_distributed():
-        return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------- file names

@@ -34,6 +34,7 @@ from cbp.runtime import (
     progress,
     rng_state,
     run_main,
+    select_device,
     set_rng_state,
 )
 
@@ -165,7 +166,7 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
             with D.collective():
                 check_finite(state, f["last"])
                 snn_q.load_state_dict(state)
-        train_part, test_part = E.shard(train_loader, test_loader, args.seed + trial)
+        train_part, test_part = D.split_loaders(train_loader, test_loader, args.seed + trial)
         _train(args, trial, snn_q, extras, train_part, test_part, device, show, run,
                resume_state, f, pending)
 
@@ -194,10 +195,10 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
                   (os.path.join(args.logdir, f"trial{trial}") if args.logdir else ""))
                  if run.main else None)
     snapshots = set(snapshot_epochs(args.epochs))
-    net = E.wrap(snn_q, device)
+    net = D.ddp(snn_q)
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
-        E.set_epoch(train_loader, epoch)
+        D.set_epoch(train_loader, epoch)
         snn_q.train()
         train_loss, train_correct, n = 0.0, 0, 0
         for idx, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch}",
@@ -305,7 +306,7 @@ def _qmods(model):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = E.setup_device(args.device)
+    device = D.start(lambda: select_device(args.device), args.device)
     print(args)
     show = not args.no_progress
     if args.evaluate:

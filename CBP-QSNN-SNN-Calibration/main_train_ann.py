@@ -29,6 +29,7 @@ from cbp.runtime import (
     progress,
     rng_state,
     run_main,
+    select_device,
     set_rng_state,
 )
 
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = E.setup_device(args.device)
+    device = D.start(lambda: select_device(args.device), args.device)
     E.seed_all(args.seed)
     lr = args.learning_rate if args.learning_rate is not None else (0.1 if args.usebn else 0.01)
     wd = args.wd if args.wd is not None else (5e-4 if args.usebn else 1e-4)
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     print(f"use_bn={args.usebn} lr={lr} wd={wd}")
     with D.collective():
         train_loader, test_loader = E.loaders(args, device)
-    train_loader, _ = E.shard(train_loader, test_loader, args.seed)  # every rank tests on all
+    train_loader, _ = D.split_loaders(train_loader, test_loader, args.seed)  # every rank tests on all
     show = not args.no_progress
     save_path = E.ann_path(args)
     stem = os.path.basename(save_path).replace("_ckpt.pth", "")
@@ -88,10 +89,10 @@ def main(argv=None) -> None:
 
         tb = Scalars((f"./runs/{stem}" if args.logdir is None else args.logdir)
                      if run.main else None)
-        net = E.wrap(ann, device)
+        net = D.ddp(ann)
         for epoch in range(start_epoch, args.epochs):
             running_loss, start = 0.0, time.time()
-            E.set_epoch(train_loader, epoch)
+            D.set_epoch(train_loader, epoch)
             ann.train()
             seen, total_loss = 0, 0.0
             for i, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch + 1}",

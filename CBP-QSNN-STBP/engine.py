@@ -6,7 +6,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 
 from cbp import data as cbp_data
 from cbp import distributed as D
@@ -67,43 +67,16 @@ def loaders(args) -> tuple[DataLoader, DataLoader, int]:
         test_tf = T.Compose([T.ToTensor(), norm])
         train_ds = cbp_data.cifar(args.dataset, args.data_path, True, train_tf, args.download)
         test_ds = cbp_data.cifar(args.dataset, args.data_path, False, test_tf, args.download)
-    if D.is_distributed():
-        sampler = DistributedSampler(train_ds, shuffle=True, seed=args.seed or 0)
-        train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.num_workers)
-        test_ds = Subset(test_ds, D.shard_indices(len(test_ds)))
-    else:
-        train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True,
-                              num_workers=args.num_workers)
+    train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
     test_dl = DataLoader(test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    train_dl, test_dl = D.split_loaders(train_dl, test_dl, args.seed or 0)
     return train_dl, test_dl, NUM_CLASSES[args.dataset]
 
 
 def setup(args) -> torch.device:
-    """Join the process group when started by torchrun (one line per failing rank), then pick
-    the device: ``--device``, else the reference's ``--gpu``, else cuda if available; under
-    torchrun on CUDA each rank takes the GPU of its LOCAL_RANK."""
-    D.init_from_env(device=args.device if args.device not in (None, "", "auto") else None)
-    with D.collective():
-        device = gpu_to_device(args.gpu, args.device)
-        if D.is_distributed() and device.type == "cuda":
-            device = torch.device("cuda", D.local_rank())
-    return device
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reshuffle a distributed sampler for ``epoch`` (no-op otherwise)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-
-
-def wrap(model):
-    """The model as trained: DDP under torch.distributed, the model itself otherwise."""
-    if not D.is_distributed():
-        return model
-    dev = next(model.parameters()).device
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    """Join the process group when started by torchrun, then the device: ``--device``, else the
+    reference's ``--gpu``, else cuda if available (one GPU per rank under torchrun)."""
+    return D.start(lambda: gpu_to_device(args.gpu, args.device), args.device)
 
 
 def mse_onehot(output: torch.Tensor, labels: torch.Tensor, outs: int) -> torch.Tensor:

@@ -129,9 +129,9 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
         cbp.start()  # initial lambda update with ucs = 0
 
     tb = Scalars((f"./runs/{name}" if args.logdir is None else args.logdir) if run.main else None)
-    net = engine.wrap(model)
+    net = D.ddp(model)
     for epoch in range(start_epoch, args.num_epochs):
-        engine.set_epoch(train_dl, epoch)
+        D.set_epoch(train_dl, epoch)
         model.train()
         loss_train = 0.0
         for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",

@@ -86,9 +86,9 @@ def main(argv=None) -> None:
 
         logdir = f"./runs/{args.dataset}_fp32" if args.logdir is None else args.logdir
         tb = Scalars(logdir if run.main else None)
-        net = engine.wrap(model)
+        net = D.ddp(model)
         for epoch in range(start_epoch, args.num_epochs):
-            engine.set_epoch(train_dl, epoch)
+            D.set_epoch(train_dl, epoch)
             model.train()
             running_loss, loss_train = 0.0, 0.0
             for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",

@@ -11,7 +11,7 @@ import global_v as glv
 import torch
 from cnns import Network
 from network_parser import parse
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 
 from cbp import MODES
 from cbp import data as cbp_data
@@ -164,11 +164,7 @@ def setup_device(args) -> torch.device:
     ``-gpu``, else cuda if available; each rank takes the GPU of its LOCAL_RANK)."""
     from cbp.runtime import gpu_to_device
 
-    D.init_from_env(device=args.device if args.device not in (None, "", "auto") else None)
-    with D.collective():
-        device = gpu_to_device(str(args.gpu), args.device)
-        if D.is_distributed() and device.type == "cuda":
-            device = torch.device("cuda", D.local_rank())
+    device = D.start(lambda: gpu_to_device(str(args.gpu), args.device), args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -199,14 +195,9 @@ def loaders(net_cfg, workers: int | None, download: bool) -> tuple[DataLoader, D
         train_ds = cbp_data.cifar("CIFAR10", root, True, train_tf, download)
         test_ds = cbp_data.cifar("CIFAR10", root, False, test_tf, download)
         workers = 8 if workers is None else workers
-    if D.is_distributed():  # each rank: its sampler's share to train, every n-th sample to test
-        sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
-        train_dl = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=workers)
-        test_ds = Subset(test_ds, D.shard_indices(len(test_ds)))
-    else:
-        train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, num_workers=workers)
+    train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, num_workers=workers)
     test_dl = DataLoader(test_ds, batch_size=bs, shuffle=False, num_workers=workers)
-    return train_dl, test_dl
+    return D.split_loaders(train_dl, test_dl)
 
 
 def build(params: parse, train_dl: DataLoader, device: torch.device, quantize: bool) -> Network:
@@ -234,12 +225,8 @@ def train_epoch(net: Network, loader: DataLoader, loss_fn: loss_f.SpikeLoss,
     ``run.check_loss`` stops on a non-finite value.  All weights take part in the gradient-norm
     clipping (max 1) and are clamped by ``weight_clipper`` after each step.
     """
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    model = net
-    if D.is_distributed():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    D.set_epoch(loader, epoch)
+    model, net = net, D.ddp(net)
     model.train()
     T = int(model.network_config["n_steps"])
     loss_sum, correct, total = 0.0, 0, 0

@@ -263,6 +263,8 @@ def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, at, t
     last (the final checkpoint, complete but not yet renamed), resume it, and compare the final
     checkpoint and the prequantized file with the uninterrupted run's."""
     name, p, d, writes = done
+    if at == "mid" and name != "STBP":
+        pytest.skip("the write before the last is killed on STBP only (suite time)")
     ref = d
     work = tmp_path / "w"
     shutil.copytree(d, work, ignore=shutil.ignore_patterns("checkpoint", "logs", "progress",
@@ -348,7 +350,8 @@ def test_nan_weights_are_refused_for_training_and_reported_by_eval(done, tmp_pat
 
 
 # ----------------------------------------------------------------------------- distributed
-DISTRIBUTED = list(PIPELINES)
+# SEW-ResNet's engine has its own 2-rank torchrun test (ImageNet, test_sew_cli.py)
+DISTRIBUTED = ["STBP", "TSSL-BP", "SNN-Calibration"]
 CPU = {"STBP": ["--device", "cpu"], "TSSL-BP": ["-device", "cpu"]}
 ONCE = {"TSSL-BP": "tiny_ter: "}  # a line each run prints once (else its arguments)
 
@@ -371,7 +374,8 @@ def torchrun(p: Pipeline, script: str, args: list[str], cwd: Path, **extra: str)
 @pytest.mark.parametrize("name", DISTRIBUTED)
 def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_name, tmp_path):
     """torchrun, 2 gloo ranks: CBP ends with weights and multipliers bit-identical on both
-    ranks; a NaN on rank 1 only ends both ranks with rank 1's line, and no file changes."""
+    ranks; a NaN on rank 1 only ends both ranks with rank 1's line, and no file changes (the
+    error path is shared library code: checked on STBP)."""
     p, d = PIPELINES[name], done_by_name(name)
     work = copy(d, tmp_path / "w")
     ranks = tmp_path / "ranks"
@@ -387,6 +391,12 @@ def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_nam
     # only rank 0 prints
     assert proc.stdout.count(ONCE.get(name, "Namespace(")) == 1, proc.stdout
 
+    if name != "STBP":
+        return
+    _one_rank_fails(p, work, cpu)
+
+
+def _one_rank_fails(p: Pipeline, work: Path, cpu: list[str]) -> None:
     before = snapshot(work)
     proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:nan@1")
     assert proc.returncode != 0

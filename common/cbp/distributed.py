@@ -170,3 +170,47 @@ def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     all_reduce_sum(t)
     return t.tolist()
+
+
+def start(choose_device, device_flag: str | None = None) -> torch.device:
+    """A training script's first step: join the process group when started by torchrun, then
+    ``choose_device()`` (an error on any rank ends every rank); under torchrun on CUDA each
+    rank takes the GPU of its LOCAL_RANK."""
+    init_from_env(device=device_flag if device_flag not in (None, "", "auto") else None)
+    with collective():
+        device = choose_device()
+        if is_distributed() and device.type == "cuda":
+            device = torch.device("cuda", local_rank())
+    return device
+
+
+def split_loaders(train, test, seed: int = 0):
+    """Under torch.distributed: each rank trains on its ``DistributedSampler`` share and tests on
+    every world-size-th sample (the loaders are returned unchanged otherwise)."""
+    if not is_distributed():
+        return train, test
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    kw = {"batch_size": train.batch_size, "num_workers": train.num_workers,
+          "pin_memory": train.pin_memory}
+    train = DataLoader(train.dataset, sampler=DistributedSampler(train.dataset, seed=seed), **kw)
+    test = DataLoader(Subset(test.dataset, shard_indices(len(test.dataset))), shuffle=False,
+                      **kw)
+    return train, test
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Reshuffle a loader's ``DistributedSampler`` for ``epoch`` (no-op otherwise)."""
+    from torch.utils.data import DistributedSampler
+
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as trained: DDP under torch.distributed, the model itself otherwise."""
+    if not is_distributed():
+        return model
+    dev = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None)
