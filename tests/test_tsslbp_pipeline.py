@@ -361,6 +361,24 @@ def test_bad_config_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert code == 1 and "fp32 checkpoint" in err and "not found" in err
 
 
+def test_bad_numbers_in_the_yaml_are_one_line_each(tmp_path, monkeypatch, capsys):
+    cfg = tiny_config(tmp_path, n_steps=0, batch_size=0, lr=-0.1, tau_m="fast", epochs=1.5,
+                      period_max=True)
+    code, err = in_process(M["main_quantize_cbp"], ["-config", str(cfg)], tmp_path, monkeypatch,
+                           capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and all(ln.startswith(f"error: {cfg}: Network.") for ln in lines), err
+    assert [ln.split("Network.")[1] for ln in lines] == [
+        "epochs must be an integer >= 0, got 1.5",
+        "batch_size must be an integer >= 1, got 0",
+        "n_steps must be an integer >= 1, got 0",
+        "period_max must be an integer >= 1, got True",
+        "lr must be a number > 0, got -0.1",
+        "tau_m must be a number > 0, got 'fast'",
+    ]
+    assert not (tmp_path / "checkpoint").exists()
+
+
 @pytest.mark.parametrize("loss", ["kernel", "count", "softmax"])
 def test_train_epoch_with_each_loss_updates_only_given_weights(tmp_path, loss):
     p = parse(str(tiny_config(tmp_path, "ter", loss=loss)))

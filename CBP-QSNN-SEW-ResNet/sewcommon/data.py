@@ -11,7 +11,7 @@ import sys
 import torch
 from torch.utils.data import Dataset, Subset
 
-from cbp.data import DatasetMissing
+from cbp.data import IMAGENET_MEAN, IMAGENET_STD, DatasetMissing
 
 DVS128_URL = "https://ibm.ent.box.com/s/3hiq58ww1pbbjrinh367ykfdf60xsfm8/folder/50167556794"
 DVS128_FILES = "DvsGesture.tar.gz, gesture_mapping.csv, LICENSE.txt and README.txt"
@@ -115,13 +115,12 @@ def cifar10dvs(root: str, T: int, cache_dir: str | None) -> tuple[Dataset, Datas
 
 
 # ----------------------------------------------------------------------------- ImageNet
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def imagenet_transforms(train: bool, crop: int = 224, resize: int = 256):
     import torchvision.transforms as T
 
-    norm = T.Normalize(MEAN, STD)
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), norm])
