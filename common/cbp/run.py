@@ -2,17 +2,19 @@
 
 Every pipeline's training loop is a thin script over :class:`Run`::
 
-    with Run(identity, outputs, lr_flag="--lr") as run:
-        state = run.resume(path) if resuming else None     # checked: same pipeline/model/mode
+    with Run(identity, outputs, lr_flag="--lr") as run:   # locks the outputs
+        state = run.resume(path, last_hint=...) if resuming else None  # same run? finite?
         for epoch ...:
             for batch, (x, y) in enumerate(loader):
                 lag = ctl.lagrangian(loss_fn(model(x), y))
                 run.check_loss(lag, epoch, batch)          # NaN/inf: stop at once
                 ...
+            decision = ctl.end_epoch(optimizer)
             run.check_epoch(model, epoch, decision.lagsum)
-            run.save(run.checkpoint(state), last_path)     # atomic; the first replacement of
-            run.save(model.state_dict(), best_path)        # a file from before the run keeps
-                                                           # it as <name>.bak
+            with run.writes():                             # rank 0 writes, every rank agrees
+                run.save(model.state_dict(), best_path)    # first replacement keeps a .bak
+                run.save(run.checkpoint(full_state), last_path)   # the training state last
+
 The rules it enforces:
 
 * Nothing is written before an epoch has finished with finite loss, lagsum and weights; a

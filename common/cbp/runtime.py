@@ -172,10 +172,3 @@ def set_rng_state(state: dict) -> None:
         random.setstate((3, tuple(int(v) for v in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_progress(path: str, rows: Iterable[Iterable[float]]) -> None:
-    """Write a progress table atomically (see :func:`cbp.files.write_table`)."""
-    from .files import write_table
-
-    write_table(path, rows)
