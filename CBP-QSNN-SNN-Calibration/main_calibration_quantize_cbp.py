@@ -32,10 +32,8 @@ from cbp.runtime import (
     Scalars,
     UserError,
     progress,
-    rng_state,
     run_main,
     select_device,
-    set_rng_state,
 )
 
 
@@ -185,7 +183,7 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
         rows = resume_state["progress"].tolist()
         max_test_acc = float(resume_state["max_test_acc"])
         start_epoch = int(resume_state["epoch"]) + 1
-        set_rng_state(resume_state["rng"])
+        run.restore_rng(resume_state["rng"])
         print(f"resumed trial {trial} at epoch {start_epoch}")
     else:
         cbp.start()  # initial lambda update with ucs = 0
@@ -264,7 +262,7 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
             if epoch in snapshots:
                 run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
             # the training state last: a run killed before it redoes this epoch on resume
-            run.save({**checkpoint, "rng": rng_state()}, f["last"])
+            run.save({**checkpoint, "rng": run.rng_state()}, f["last"])
         total_time = time.time() - start
         eta = datetime.datetime.now() + datetime.timedelta(seconds=total_time * (args.epochs - epoch))
         print(f"epoch={epoch}, train_loss={train_loss}, train_acc={train_acc}, "

@@ -27,10 +27,8 @@ from cbp.runtime import (
     Scalars,
     UserError,
     progress,
-    rng_state,
     run_main,
     select_device,
-    set_rng_state,
 )
 
 build_data = E.build_data  # the reference imports build_data from this module
@@ -84,7 +82,7 @@ def main(argv=None) -> None:
             scheduler.load_state_dict(state["scheduler"])
             best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
             start_epoch = int(state["epoch"]) + 1
-            set_rng_state(state["rng"])
+            run.restore_rng(state["rng"])
             print(f"resumed from {path} at epoch {start_epoch}")
 
         tb = Scalars((f"./runs/{stem}" if args.logdir is None else args.logdir)
@@ -130,7 +128,7 @@ def main(argv=None) -> None:
                 run.save(run.checkpoint({
                     "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                    "best_epoch": best_epoch, "rng": rng_state()}), last_path)
+                    "best_epoch": best_epoch, "rng": run.rng_state()}), last_path)
         tb.close()
         run.finish(ann)
     print(f"best ANN weights: {save_path}")

@@ -26,10 +26,8 @@ from cbp.run import Run
 from cbp.runtime import (
     Scalars,
     progress,
-    rng_state,
     run_main,
     seed_everything,
-    set_rng_state,
 )
 
 import engine
@@ -120,7 +118,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
     if state is not None:
         optimizer.load_state_dict(state["optimizer1"])
         cbp.load_checkpoint_entries(state)
-        set_rng_state(state["rng"])
+        run.restore_rng(state["rng"])
         rows = state["progress"].tolist()
         best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         start_epoch = int(state["epoch"]) + 1
@@ -182,7 +180,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
                 run.save(state, f"{out_dir}/{name}.pth")
             # the training state last: a run killed before it redoes this epoch on resume
             run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
-                                     "best_epoch": best_epoch, "rng": rng_state()}),
+                                     "best_epoch": best_epoch, "rng": run.rng_state()}),
                      f"{out_dir}/{name}_last.pth")
         print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
     tb.close()

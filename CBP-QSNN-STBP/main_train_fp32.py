@@ -21,10 +21,8 @@ from cbp.run import Run
 from cbp.runtime import (
     Scalars,
     progress,
-    rng_state,
     run_main,
     seed_everything,
-    set_rng_state,
 )
 
 import engine
@@ -79,7 +77,7 @@ def main(argv=None) -> None:
                 state = run.resume(path, last_hint=f"resume from {last_path}")
                 load_into(model, state)
             optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
+            run.restore_rng(state["rng"])
             best_acc, start_epoch = float(state["best_acc"]), int(state["epoch"]) + 1
             hist = {k: list(state[k]) for k in hist}
             print(f"resumed from {path} at epoch {start_epoch + 1}")
@@ -133,7 +131,7 @@ def main(argv=None) -> None:
                 else:
                     run.save(state, f"{out_dir}/{args.dataset}.pth")
                 # the training state last: a run killed before it redoes this epoch on resume
-                run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng_state()}),
+                run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": run.rng_state()}),
                          last_path)
         tb.close()
         run.finish(model)

@@ -28,7 +28,7 @@ from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_state_dict
 from cbp.run import Run
-from cbp.runtime import Scalars, UserError, rng_state, run_main, seed_everything, set_rng_state
+from cbp.runtime import Scalars, UserError, run_main, seed_everything
 
 import engine
 from functions import loss_f
@@ -179,7 +179,7 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
         rows = state["progress"].tolist()
         best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         start = int(state["epoch"]) + 1
-        set_rng_state(state["rng"])
+        run.restore_rng(state["rng"])
     else:
         ctl.start()  # initial lambda update with ucs = 0
 
@@ -219,7 +219,7 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
             "net": net.state_dict(), "scales": net.scales(), "epoch": e,
             "optimizer": optimizer.state_dict(), **ctl.checkpoint_entries(),
             "progress": torch.tensor(rows, dtype=torch.float64),
-            "best_acc": best_acc, "best_epoch": best_epoch, "rng": rng_state(),
+            "best_acc": best_acc, "best_epoch": best_epoch, "rng": run.rng_state(),
         })
         with run.writes():
             run.write_table(progress_path, rows)

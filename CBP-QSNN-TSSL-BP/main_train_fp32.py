@@ -22,7 +22,7 @@ import torch
 from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.run import Run
-from cbp.runtime import Scalars, UserError, rng_state, run_main, seed_everything, set_rng_state
+from cbp.runtime import Scalars, UserError, run_main, seed_everything
 
 import engine
 from functions import loss_f
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
             optimizer.load_state_dict(state["optimizer"])
             best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
             start = int(state["epoch"]) + 1
-            set_rng_state(state["rng"])
+            run.restore_rng(state["rng"])
             print(f"resumed from {resume} at epoch {start}")
         if epochs <= start:
             raise UserError(f"nothing to do: {epochs} epochs, starting at epoch {start}")
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
                 # the training state last: a run killed before it redoes this epoch on resume
                 run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
                                          "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
-                                         "rng": rng_state()}), last_path)
+                                         "rng": run.rng_state()}), last_path)
         tb.close()
         run.finish(net)
     log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)

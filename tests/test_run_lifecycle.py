@@ -289,3 +289,40 @@ def test_checkpoint_entries_store_lambda_once_and_round_trip():
     legacy = cbp.CBP(m, lr_lambda=0.1, init_scales=False)  # whole state under "cbp"
     legacy.load_checkpoint_entries({"cbp": ctl.state_dict()})
     assert all(torch.equal(a, b) for a, b in zip(legacy.lambdas, ctl.lambdas))
+
+
+# ----------------------------------------------------------------------------- per-rank RNG
+def _rng_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from cbp import distributed as D
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(100 + rank)  # each rank its own stream (dropout, augmentation)
+        run = Run({}, [])
+        state = run.rng_state()
+        expected = torch.rand(3)
+        torch.manual_seed(7)  # lose it
+        run.restore_rng(state)
+        again = torch.rand(3)
+        torch.save({"state": state, "expected": expected, "again": again,
+                    "world": D.world_size()}, f"{out}/{rank}.pth")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_gets_its_own_rng_back(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rng_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pth", weights_only=False) for r in (0, 1))
+    assert r0["world"] == 2
+    assert torch.equal(r0["expected"], r0["again"]) and torch.equal(r1["expected"], r1["again"])
+    assert not torch.equal(r0["expected"], r1["expected"])
+    ranks = r0["state"]["ranks"]  # what rank 0 writes: every rank's state
+    assert len(ranks) == 2 and torch.equal(ranks[1]["torch"], r1["state"]["torch"])
+    # a single-process resume of that checkpoint takes rank 0's state
+    run = Run({}, [])
+    run.restore_rng(r0["state"])
+    assert torch.equal(torch.rand(3), r0["expected"])

@@ -32,10 +32,8 @@ from cbp.runtime import (
     Scalars,
     progress,
     require_file,
-    rng_state,
     seed_everything,
     select_device,
-    set_rng_state,
 )
 
 from .neurons import configure_backend, reset_net
@@ -311,7 +309,7 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         if "scaler" in state and s.amp:
             scaler.load_state_dict(state["scaler"])
         if "rng" in state:
-            set_rng_state(state["rng"])
+            r.restore_rng(state["rng"])
         rows = [list(map(float, r)) for r in torch.as_tensor(state["progress"]).tolist()]
         best["max_test_acc1"] = float(state.get("max_test_acc1", -1.0))
         best["test_acc5_at_max_test_acc1"] = float(state.get("test_acc5_at_max_test_acc1", 0.0))
@@ -355,10 +353,11 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         if improved:
             best["max_test_acc1"], best["test_acc5_at_max_test_acc1"] = st.test_acc1, st.test_acc5
         last = st
+        rng = r.rng_state()  # every rank's (a collective)
         with r.writes():
             if main:
                 _write_epoch(r, model, optimizer, controller, scheduler, scaler, s, layout, args,
-                             quant, st, rows, best, improved, tb_train, tb_test)
+                             quant, st, rows, best, improved, tb_train, tb_test, rng)
     tb_train.close()
     if not same:
         tb_test.close()
@@ -379,7 +378,7 @@ def _run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
 
 def _write_epoch(r: Run, model, optimizer, controller, scheduler, scaler, s: Settings,
                  layout: Layout, args, quant, st: Stats, rows, best, improved, tb_train,
-                 tb_test) -> None:
+                 tb_test, rng: dict) -> None:
     """The main process's files and scalars of a finished epoch."""
     epoch = st.epoch
     if layout.tb_scalars is not None:
@@ -398,7 +397,7 @@ def _write_epoch(r: Run, model, optimizer, controller, scheduler, scaler, s: Set
         "progress": torch.tensor(rows, dtype=torch.float64),
         "args": plain_args(args),
         "scaler": scaler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng,
         **best,
     }
     if controller is not None:

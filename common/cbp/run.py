@@ -41,7 +41,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import CheckpointError, check_finite, load_file
 from .files import OutputLock, failpoint_nan, promote, save_atomic, write_table, write_text_atomic
-from .runtime import UserError
+from .runtime import UserError, rng_state, set_rng_state
 
 
 class Diverged(UserError):
@@ -205,6 +205,27 @@ class Run:
         bak = promote(path, write, self._replaced)
         if bak is not None:
             print(f"existing {path} kept as {bak}")
+
+    # ------------------------------------------------------------------ RNG
+    def rng_state(self) -> dict:
+        """The RNG state a checkpoint stores: this process's (python, numpy, torch, CUDA) and,
+        under torch.distributed, every rank's under ``ranks`` (a collective: call it on every
+        rank)."""
+        state = rng_state()
+        if D.is_distributed():
+            ranks: list = [None] * D.world_size()
+            torch.distributed.all_gather_object(ranks, state)
+            state = {**state, "ranks": ranks}
+        return state
+
+    def restore_rng(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`rng_state`: each rank its own when the checkpoint was written by as
+        many ranks, else the one stored state."""
+        ranks = state.get("ranks")
+        if ranks is not None and len(ranks) == D.world_size():
+            set_rng_state(ranks[D.rank()])
+        else:
+            set_rng_state(state)
 
     # ------------------------------------------------------------------ resume
     def resume(self, path: str, *, last_hint: str, trust: bool = False, safe: tuple = (),
