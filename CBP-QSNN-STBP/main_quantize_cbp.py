@@ -96,6 +96,7 @@ def main(argv=None) -> None:
                 path = last_path if args.resume == "auto" else args.resume
                 state = run.resume(path, last_hint=f"resume from {last_path}")
                 load_into(model, state)
+                print(f"resuming from {path}")
             else:
                 engine.require_file(fp32, "pretrained fp32 checkpoint", f"download it from "
                                     f"{engine.DRIVE} or create it with: "
@@ -122,7 +123,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
         rows = state["progress"].tolist()
         best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         start_epoch = int(state["epoch"]) + 1
-        print(f"resumed from the checkpoint at epoch {start_epoch}")
+        print(f"resumed at epoch {start_epoch + 1}")
     else:
         cbp.start()  # initial lambda update with ucs = 0
 

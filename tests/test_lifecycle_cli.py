@@ -323,7 +323,7 @@ def test_resume_from_a_weights_only_file_is_refused(done, tmp_path, monkeypatch)
     before = snapshot(work)
     code, _, err = inproc(p, p.cbp[0], p.cbp[1] + [p.resume[0], p.pretrained], work,
                           monkeypatch)
-    one_error(code, err, "cannot resume from", "holds no training state")
+    one_error(code, err, "cannot resume from", "holds no full training state")
     assert snapshot(work) == before
 
 

@@ -63,6 +63,14 @@ def test_write_into_a_file_that_is_a_folder_fails_cleanly(tmp_path):
         files.save_atomic({}, str(tmp_path / "blocker" / "a.pth"))
 
 
+def test_a_lock_under_a_file_that_is_a_folder_fails_cleanly(tmp_path):
+    (tmp_path / "progress").write_text("x")
+    target = tmp_path / "progress" / "p.txt"
+    with pytest.raises(files.WriteError) as info:
+        files.OutputLock([str(target)]).acquire()
+    assert str(info.value) == f"cannot write {target}: {tmp_path / 'progress'} is not a folder"
+
+
 def test_failpoint_oserror_hits_the_nth_write(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_writes", 0)
     monkeypatch.setenv("CBP_FAILPOINT", "2:oserror")
@@ -211,7 +219,7 @@ def test_resume_checks_file_training_state_identity_and_finiteness(tmp_path):
         run.resume(str(tmp_path / "nope.pth"), last_hint="use last")
     weights = str(tmp_path / "best.pth")
     files.save_atomic({"w": torch.ones(1)}, weights)
-    with pytest.raises(UserError, match="holds no training state"):
+    with pytest.raises(UserError, match="holds no full training state"):
         run.resume(weights, last_hint="h")
     other = Run({**ident, "quant": "bin"}, [])
     with pytest.raises(UserError) as info:

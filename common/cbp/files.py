@@ -228,12 +228,15 @@ class OutputLock:
             fcntl = None
         for path in self.paths:
             name = lock_name(path)
+            folder = os.path.dirname(name)
             try:
-                os.makedirs(os.path.dirname(name), exist_ok=True)
+                if os.path.exists(folder) and not os.path.isdir(folder):
+                    raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder")
+                os.makedirs(folder, exist_ok=True)
                 fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
                 self.release()
-                raise WriteError(f"cannot write {name}: {exc.strerror or exc}") from None
+                raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

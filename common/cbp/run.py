@@ -236,8 +236,9 @@ class Run:
             raise UserError(f"cannot resume: {path} not found ({last_hint})")
         state = load_file(path, trust=trust, safe=safe)
         if not isinstance(state, Mapping) or any(k not in state for k in needs):
-            raise UserError(f"cannot resume from {path}: it holds no training state "
-                            f"(weights only?); {last_hint}")
+            raise UserError(f"cannot resume from {path}: it holds no full training state "
+                            f"(missing {', '.join(k for k in needs if k not in state) or 'a dict'}"
+                            f"); {last_hint}")
         theirs = state.get("run")
         if isinstance(theirs, Mapping):
             diff = [f"{k} {theirs.get(k)!r} (this run: {v!r})"
