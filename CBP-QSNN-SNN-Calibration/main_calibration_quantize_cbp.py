@@ -251,6 +251,7 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
             "max_test_acc": max_test_acc,
             **extras,
         })
+        rng = run.rng_state()  # every rank's (a collective: outside the writes)
         with run.writes():
             while pending:
                 path, obj = pending.popitem()
@@ -262,7 +263,7 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, 
             if epoch in snapshots:
                 run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
             # the training state last: a run killed before it redoes this epoch on resume
-            run.save({**checkpoint, "rng": run.rng_state()}, f["last"])
+            run.save({**checkpoint, "rng": rng}, f["last"])
         total_time = time.time() - start
         eta = datetime.datetime.now() + datetime.timedelta(seconds=total_time * (args.epochs - epoch))
         print(f"epoch={epoch}, train_loss={train_loss}, train_acc={train_acc}, "

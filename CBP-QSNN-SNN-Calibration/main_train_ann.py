@@ -121,6 +121,7 @@ def main(argv=None) -> None:
             tb.add("loss/train", total_loss / max(seen, 1), epoch)
             tb.add("accuracy/test", acc, epoch)
             tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
+            rng = run.rng_state()  # every rank's (a collective: outside the writes)
             with run.writes():
                 if improved:
                     run.save(ann.state_dict(), save_path)
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
                 run.save(run.checkpoint({
                     "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                    "best_epoch": best_epoch, "rng": run.rng_state()}), last_path)
+                    "best_epoch": best_epoch, "rng": rng}), last_path)
         tb.close()
         run.finish(ann)
     print(f"best ANN weights: {save_path}")

@@ -171,6 +171,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
             **{k: entries[k] for k in ("optimizer2", "lamb", "period", "ucs", "g")},
             "progress": torch.tensor(rows, dtype=torch.float64),
         }
+        rng = run.rng_state()  # every rank's (a collective: outside the writes)
         with run.writes():
             run.write_table(progress_path, rows)
             if improved:
@@ -181,7 +182,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: s
                 run.save(state, f"{out_dir}/{name}.pth")
             # the training state last: a run killed before it redoes this epoch on resume
             run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
-                                     "best_epoch": best_epoch, "rng": run.rng_state()}),
+                                     "best_epoch": best_epoch, "rng": rng}),
                      f"{out_dir}/{name}_last.pth")
         print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
     tb.close()

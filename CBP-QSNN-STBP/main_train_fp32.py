@@ -124,6 +124,7 @@ def main(argv=None) -> None:
             best_acc = max(best_acc, acc)
             state = {"epoch": epoch, "net": model.state_dict(),
                      "optimizer": optimizer.state_dict(), **hist}
+            rng = run.rng_state()  # every rank's (a collective: outside the writes)
             with run.writes():
                 if improved:
                     run.save(state, f"{out_dir}/{args.dataset}_best.pth")
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
                 else:
                     run.save(state, f"{out_dir}/{args.dataset}.pth")
                 # the training state last: a run killed before it redoes this epoch on resume
-                run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": run.rng_state()}),
+                run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng}),
                          last_path)
         tb.close()
         run.finish(model)

@@ -100,6 +100,7 @@ def main(argv=None) -> None:
             tb.add("loss/train", loss, e)
             tb.add("accuracy/train", train_acc, e)
             tb.add("accuracy/test", acc, e)
+            rng = run.rng_state()  # every rank's (a collective: outside the writes)
             with run.writes():
                 if improved:
                     run.save({"net": net.state_dict(), "loss": acc, "epoch": e},
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
                 # the training state last: a run killed before it redoes this epoch on resume
                 run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
                                          "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
-                                         "rng": run.rng_state()}), last_path)
+                                         "rng": rng}), last_path)
         tb.close()
         run.finish(net)
     log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)

@@ -374,8 +374,8 @@ def torchrun(p: Pipeline, script: str, args: list[str], cwd: Path, **extra: str)
 @pytest.mark.parametrize("name", DISTRIBUTED)
 def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_name, tmp_path):
     """torchrun, 2 gloo ranks: CBP ends with weights and multipliers bit-identical on both
-    ranks; a NaN on rank 1 only ends both ranks with rank 1's line, and no file changes (the
-    error path is shared library code: checked on STBP)."""
+    ranks; a NaN on rank 1 only ends both ranks with rank 1's line, and no file changes; on
+    STBP a failed write on rank 0 ends both ranks with rank 0's line."""
     p, d = PIPELINES[name], done_by_name(name)
     work = copy(d, tmp_path / "w")
     ranks = tmp_path / "ranks"
@@ -391,9 +391,20 @@ def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_nam
     # only rank 0 prints
     assert proc.stdout.count(ONCE.get(name, "Namespace(")) == 1, proc.stdout
 
-    if name != "STBP":
-        return
     _one_rank_fails(p, work, cpu)
+    if name == "STBP":  # a failed write on rank 0 (the writer) ends rank 1 too
+        before = snapshot(work)
+        proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:oserror@0")
+        errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
+        assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+        assert errors[0].startswith("error: cannot write ") and "No space left" in errors[0]
+        assert errors[1] == "error: rank 0: " + errors[0][len("error: "):]
+        kept(before, work)
+
+
+def test_one_ranks_error_ends_every_rank_on_sew(done_by_name, tmp_path):
+    p = PIPELINES["SEW-ResNet"]
+    _one_rank_fails(p, copy(done_by_name("SEW-ResNet"), tmp_path / "w"), [])
 
 
 def _one_rank_fails(p: Pipeline, work: Path, cpu: list[str]) -> None:

@@ -334,3 +334,45 @@ def test_each_rank_gets_its_own_rng_back(tmp_path):
     run = Run({}, [])
     run.restore_rng(r0["state"])
     assert torch.equal(torch.rand(3), r0["expected"])
+
+
+def _setup_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from cbp import distributed as D
+    from cbp.data import DatasetMissing
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    result = "no error"
+    try:
+        def load():
+            if rank == 1:
+                raise DatasetMissing("CIFAR-10 not found in ./datasets: put it there")
+            return "data"
+
+        try:
+            D.first_then_others(load)  # rank 0 first, then rank 1, which fails
+        except Exception as exc:  # noqa: BLE001
+            result = f"{type(exc).__name__}: {exc}"
+        try:
+            with D.collective():  # and a failure inside a block on rank 0 only
+                if rank == 0:
+                    raise files.WriteError("cannot write x.pth: No space left on device")
+        except Exception as exc:  # noqa: BLE001
+            result += f" | {type(exc).__name__}: {exc}"
+    finally:
+        with open(f"{out}/{rank}.txt", "w") as f:
+            f.write(result)
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_setup_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "0.txt").read_text() == (
+        "RankError: rank 1: CIFAR-10 not found in ./datasets: put it there"
+        " | WriteError: cannot write x.pth: No space left on device")
+    assert (tmp_path / "1.txt").read_text() == (
+        "DatasetMissing: CIFAR-10 not found in ./datasets: put it there"
+        " | RankError: rank 0: cannot write x.pth: No space left on device")

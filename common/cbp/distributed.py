@@ -106,14 +106,21 @@ def agree(error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
-    from .runtime import UserError
+    from .runtime import user_errors
 
     mine = None
     if error is not None:
-        mine = _line(error) if isinstance(error, UserError) else \
+        mine = _line(error) if isinstance(error, user_errors()) else \
             f"{type(error).__name__}: {_line(error)}"
     messages: list[str | None] = [None] * world_size()
-    dist.all_gather_object(messages, mine)
+    try:
+        dist.all_gather_object(messages, mine)
+        if any(m is not None for m in messages):
+            dist.barrier()  # every rank has its copy before any of them exits
+    except RuntimeError:  # a peer is already gone: its own line says why
+        if error is not None:
+            raise error from None
+        raise RankError("another rank stopped (its error line says why)") from None
     for r, text in enumerate(messages):
         if text is not None:
             if error is not None:

@@ -112,7 +112,8 @@ class Run:
 
     def writes(self) -> D.collective:
         """``with run.writes(): ...`` around the main process's writes of an epoch: an error
-        there (disk full, ...) ends every rank with its line instead of leaving them waiting."""
+        there (disk full, ...) ends every rank with its line instead of leaving them waiting.
+        The block must hold no collective (compute :meth:`rng_state` before it)."""
         return D.collective()
 
     def finish(self, model: nn.Module, controller: Any = None) -> None:

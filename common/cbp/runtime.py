@@ -26,14 +26,19 @@ def fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """Run ``main()``; user-fixable errors become one line on stderr and exit status 1."""
+def user_errors() -> tuple[type, ...]:
+    """The exception types that are the user's to fix (printed as one line, no traceback)."""
     from .checkpoint import CheckpointError
     from .data import DatasetMissing
 
+    return (UserError, CheckpointError, DatasetMissing)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run ``main()``; user-fixable errors become one line on stderr and exit status 1."""
     try:
         main()
-    except (UserError, CheckpointError, DatasetMissing) as exc:
+    except user_errors() as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)
