@@ -289,6 +289,28 @@ def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, at, t
         _same_weights(ref / p.prequantized, work / p.prequantized)
 
 
+def test_a_kill_at_every_write_of_a_run_ends_like_the_uninterrupted_run(tmp_path_factory,
+                                                                         tmp_path, monkeypatch):
+    """TSSL-BP (the quickest pipeline), every write of a 2-epoch CBP run in turn: kill there,
+    then continue as a user would (``-resume`` when the last checkpoint exists, else the same
+    command again) and compare the final checkpoint and prequantized file."""
+    name, p, d, writes = _finished("TSSL-BP", tmp_path_factory)
+    for point in range(1, writes + 1):
+        work = tmp_path / f"k{point}"
+        shutil.copytree(d, work, ignore=shutil.ignore_patterns(
+            "checkpoint", "logs", "progress", "*prequantized*"))
+        killed = cli(p, *p.cbp, work, CBP_FAILPOINT=f"{point}:kill")
+        assert killed.returncode == -9, (point, killed.stderr)
+        again = p.cbp[1] + (p.resume if (work / p.last).is_file() else [])
+        code, out, err = inproc(p, p.cbp[0], again, work, monkeypatch)
+        assert code == 0, (point, out + err)
+        a, b = (torch.load(x / p.last, weights_only=False) for x in (d, work))
+        assert a["epoch"] == b["epoch"], point
+        assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"]), point
+        assert all(torch.equal(x, y) for x, y in zip(a["lamb"], b["lamb"])), point
+        assert _same_weights(d / p.prequantized, work / p.prequantized), point
+
+
 def _same_weights(a: Path, b: Path) -> bool:
     x, y = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
     x = x.get("net", x) if isinstance(x, dict) else x

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -115,20 +114,37 @@ def agree(error: BaseException | None) -> None:
     messages: list[str | None] = [None] * world_size()
     try:
         dist.all_gather_object(messages, mine)
-        if any(m is not None for m in messages):
-            dist.barrier()  # every rank has its copy before any of them exits
     except RuntimeError:  # a peer is already gone: its own line says why
         if error is not None:
             raise error from None
         raise RankError("another rank stopped (its error line says why)") from None
-    for r, text in enumerate(messages):
-        if text is not None:
-            if error is not None:
-                raise error
-            # let the failing rank print its own line first (the launcher stops every rank
-            # as soon as one exits)
-            time.sleep(0.5)
-            raise RankError(f"rank {r}: {text}")
+    first = next(r for r, text in enumerate(messages) if text is not None) \
+        if any(m is not None for m in messages) else None
+    if first is None:
+        return
+    # every rank prints its line now, before any of them exits (the launcher stops the others
+    # as soon as one process ends)
+    if error is not None and not isinstance(error, user_errors()):
+        _report(error, None)  # a bug on this rank: its traceback is the report
+        raise error
+    exc = error if error is not None else RankError(f"rank {first}: {messages[first]}")
+    _report(exc, _line(exc))
+    raise exc
+
+
+def _report(exc: BaseException, line: str | None) -> None:
+    """Print ``error: line`` now (run_main will not print it again), then wait until every rank
+    has printed."""
+    import sys
+
+    if line is not None:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"error: {line}\n".encode())  # one write: lines of
+        exc.reported = True  # several processes sharing stderr do not interleave
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
 
 
 class collective:  # noqa: N801 - used as a context manager

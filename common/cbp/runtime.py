@@ -39,9 +39,23 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except user_errors() as exc:
+        _leave_process_group()
+        if getattr(exc, "reported", False):  # already printed by every rank (distributed)
+            raise SystemExit(1) from None
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+
+
+def _leave_process_group() -> None:
+    """Destroy the default process group (if any) before exiting on an error."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
 
 
 def select_device(name: str | None = None) -> torch.device:
