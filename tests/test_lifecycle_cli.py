@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
 import runpy
 import shutil
 import subprocess
@@ -369,76 +368,3 @@ def test_nan_weights_are_refused_for_training_and_reported_by_eval(done, tmp_pat
     code, out, err = inproc(p, p.cbp[0], p.eval, work, monkeypatch)
     assert code == 0, err
     assert "warning: " in err and "non-finite" in err and "Traceback" not in err
-
-
-# ----------------------------------------------------------------------------- distributed
-# SEW-ResNet's engine has its own 2-rank torchrun test (ImageNet, test_sew_cli.py)
-DISTRIBUTED = ["STBP", "TSSL-BP", "SNN-Calibration"]
-CPU = {"STBP": ["--device", "cpu"], "TSSL-BP": ["-device", "cpu"]}
-ONCE = {"TSSL-BP": "tiny_ter: "}  # a line each run prints once (else its arguments)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(p: Pipeline, script: str, args: list[str], cwd: Path, **extra: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(p.directory / script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True,
-                          timeout=300)
-
-
-@pytest.mark.parametrize("name", DISTRIBUTED)
-def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_name, tmp_path):
-    """torchrun, 2 gloo ranks: CBP ends with weights and multipliers bit-identical on both
-    ranks; a NaN on rank 1 only ends both ranks with rank 1's line, and no file changes; on
-    STBP a failed write on rank 0 ends both ranks with rank 0's line."""
-    p, d = PIPELINES[name], done_by_name(name)
-    work = copy(d, tmp_path / "w")
-    ranks = tmp_path / "ranks"
-    cpu = CPU.get(name, [])
-    proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_RANK_STATE_DIR=str(ranks))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(ranks / "rank0.pth", weights_only=True)
-    r1 = torch.load(ranks / "rank1.pth", weights_only=True)
-    assert r0["g"] == r1["g"] and r0["ucs"] == r1["ucs"] and len(r0["lamb"]) > 0
-    for k, v in r0["model"].items():
-        assert torch.equal(v, r1["model"][k]), k
-    assert all(torch.equal(x, y) for x, y in zip(r0["lamb"], r1["lamb"]))
-    # only rank 0 prints
-    assert proc.stdout.count(ONCE.get(name, "Namespace(")) == 1, proc.stdout
-
-    _one_rank_fails(p, work, cpu)
-    if name == "STBP":  # a failed write on rank 0 (the writer) ends rank 1 too
-        before = snapshot(work)
-        proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:oserror@0")
-        errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
-        assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
-        assert errors[0].startswith("error: cannot write ") and "No space left" in errors[0]
-        assert errors[1] == "error: rank 0: " + errors[0][len("error: "):]
-        kept(before, work)
-
-
-def test_one_ranks_error_ends_every_rank_on_sew(done_by_name, tmp_path):
-    p = PIPELINES["SEW-ResNet"]
-    _one_rank_fails(p, copy(done_by_name("SEW-ResNet"), tmp_path / "w"), [])
-
-
-def _one_rank_fails(p: Pipeline, work: Path, cpu: list[str]) -> None:
-    before = snapshot(work)
-    proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:nan@1")
-    assert proc.returncode != 0
-    errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
-    assert len(errors) == 2, proc.stderr[-3000:]
-    own = errors[1][len("error: "):]  # rank 1's line; rank 0 says the same after "rank 1: "
-    assert errors[0] == f"error: rank 1: {own}"
-    assert re.fullmatch(r"training diverged at epoch 0, batch 0: loss = nan; no file was "
-                        r"written for this epoch \(try a lower learning rate, " + p.lr + r"\)",
-                        own), own
-    assert "gloo" not in proc.stderr and "Connection closed" not in proc.stderr
-    assert snapshot(work) == before
