@@ -96,13 +96,20 @@ def check_state_dict(
         raise CheckpointError("; ".join(problems))
 
 
-def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors in ``state`` that hold NaN or infinity."""
-    return [
-        k
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]
+def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names (``net.conv1.weight``, ``lamb[2]``) of the floating-point tensors in ``obj``, a
+    tensor or dicts / lists of them, that hold NaN or infinity."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return [prefix or "tensor"] if bad else []
+    out: list[str] = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return out
 
 
 def check_finite(state: Mapping[str, Any], where: str, on_bad: str = "error") -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import CheckpointError, check_finite, load_file
+from .checkpoint import CheckpointError, load_file, nonfinite_tensors
 from .files import OutputLock, failpoint_nan, promote, save_atomic, write_table, write_text_atomic
 from .runtime import UserError, rng_state, set_rng_state
 
@@ -54,21 +54,6 @@ def _finite(value: Any) -> bool:
     return math.isfinite(float(value))
 
 
-def _nonfinite_in(obj: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors (nested in dicts/lists) holding NaN or infinity."""
-    if isinstance(obj, torch.Tensor):
-        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
-        return [prefix or "tensor"] if bad else []
-    out: list[str] = []
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            out += _nonfinite_in(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out += _nonfinite_in(v, f"{prefix}[{i}]")
-    return out
-
-
 class Run:
     """One training run's outputs, checks and checkpoint identity.
 
@@ -79,14 +64,13 @@ class Run:
     """
 
     def __init__(self, identity: Mapping[str, Any], outputs: Iterable[str], *,
-                 lr_flag: str = "--lr", resumed: bool = False) -> None:
+                 lr_flag: str = "--lr") -> None:
         self.identity = {k: _plain(v) for k, v in identity.items()}
         self.outputs = [os.fspath(p) for p in outputs]
         self.lr_flag = lr_flag
         self.main = D.is_main_process()
         self._lock = OutputLock(self.outputs) if self.main else None
-        # a resumed run continues its own files: nothing of them to keep
-        self._replaced: set[str] = set(self.outputs) if resumed else set()
+        self._replaced: set[str] = set()  # outputs this run already replaced (or continues)
         self._at: tuple[int, int] | None = None  # (epoch, batch) of the last checked loss
 
     # ------------------------------------------------------------------ lifetime
@@ -181,7 +165,7 @@ class Run:
         replacement of a file from before the run keeps that file as ``<path>.bak``."""
         if not self.main:
             return
-        bad = _nonfinite_in(obj)
+        bad = nonfinite_tensors(obj)
         if bad:
             raise Diverged(
                 f"not writing {path}: non-finite values in {', '.join(bad[:3])}; no earlier "
@@ -247,7 +231,7 @@ class Run:
             if diff:
                 raise UserError(f"cannot resume from {path}: it belongs to another run: "
                                 + ", ".join(diff))
-        bad = _nonfinite_in({k: v for k, v in state.items() if k != "rng"})
+        bad = nonfinite_tensors({k: v for k, v in state.items() if k != "rng"})
         if bad:
             raise CheckpointError(f"cannot resume from {path}: non-finite values (NaN/inf) in "
                                   f"{', '.join(bad[:3])}; it comes from a diverged run")
@@ -259,4 +243,4 @@ def _plain(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
 
-__all__ = ["Diverged", "Run", "check_finite"]
+__all__ = ["Diverged", "Run"]
