@@ -169,8 +169,8 @@ def setup_device(args) -> torch.device:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.enabled = True
-    if args.backend is not None:
-        tsslbp.set_backend(args.backend)
+    # an unknown TSSLBP_BACKEND is reported here, before any data is loaded
+    tsslbp.set_backend(args.backend if args.backend is not None else tsslbp.get_backend())
     return device
 
 

@@ -1,15 +1,13 @@
 """TSSL-BP neuron (CBP-QSNN-TSSL-BP/functions): forward and backward against hand-worked values
 and against a per-timestep implementation written like the reference, the PSP kernel, the
-losses, backend selection, and the CUDA kernels (NVRTC compile, a CPU build of the same source,
-and CuPy-vs-torch on a GPU when there is one)."""
+losses, backend selection, and the CUDA kernels (NVRTC compile, and CuPy-vs-torch on a GPU when
+there is one; the CPU build of the kernels is in test_tsslbp_kernels.py)."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import math
 import os
-import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -307,10 +305,13 @@ def test_backend_selection_on_cpu(monkeypatch):
     tsslbp.set_backend("auto")
     assert tsslbp.resolve_backend(x) == "torch"
     tsslbp.set_backend("cupy")
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
+    with pytest.raises(tsslbp.BackendError, match="needs float32 CUDA tensors"):
         TSSLBP.apply(x, NET, LAYER)
-    with pytest.raises(ValueError, match="unknown TSSL-BP backend"):
+    with pytest.raises(tsslbp.BackendError, match="unknown TSSL-BP backend"):
         tsslbp.set_backend("numba")
+    monkeypatch.setattr(tsslbp, "_backend", "cuda")  # as read from TSSLBP_BACKEND
+    with pytest.raises(tsslbp.BackendError, match="TSSLBP_BACKEND='cuda' is not a TSSL-BP"):
+        tsslbp.resolve_backend(x)
 
 
 def test_module_imports_without_touching_cupy():
@@ -323,7 +324,7 @@ def test_module_imports_without_touching_cupy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def _nvrtc():
@@ -347,74 +348,6 @@ def test_cuda_source_compiles_with_nvrtc():
     ptx = nvrtc.getPTX(prog)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     assert ".entry tsslbp_forward" in ptx and ".entry tsslbp_backward" in ptx
-
-
-SHIM = r"""
-#include <math.h>
-struct uint3_ { unsigned int x; };
-static uint3_ blockIdx, blockDim, threadIdx;
-#define __global__
-#define __restrict__
-static float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
-static float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
-static float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
-"""
-
-DRIVER = r"""
-extern "C" void run_forward(const float* x, float* a, float* u, float* du, long long n, int T,
-                            float tm, float ts, float vth) {
-    blockDim.x = 1; threadIdx.x = 0;
-    for (long long i = 0; i < n; ++i) { blockIdx.x = (unsigned int)i;
-        tsslbp_forward(x, a, u, du, n, T, tm, ts, vth); }
-}
-extern "C" void run_backward(const float* g, const float* a, const float* u, const float* du,
-                             const float* kappa, float* out, long long n, int T, float tm,
-                             float vth, float sw, float alpha, float pimax, float zmax) {
-    blockDim.x = 1; threadIdx.x = 0;
-    for (long long i = 0; i < n; ++i) { blockIdx.x = (unsigned int)i;
-        tsslbp_backward(g, a, u, du, kappa, out, n, T, tm, vth, sw, alpha, pimax, zmax); }
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def cpu_kernels(tmp_path_factory):
-    """The CUDA kernel source built for the CPU (one loop iteration per thread index)."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    d = tmp_path_factory.mktemp("kern")
-    (d / "k.cpp").write_text(SHIM + tsslbp_cuda.SOURCE + DRIVER)
-    lib = d / "k.so"
-    res = subprocess.run([cxx, "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(lib),
-                          str(d / "k.cpp")], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.fail(res.stderr)
-    return ctypes.CDLL(str(lib))
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 7, 5), (1, 1, 1, 16), (2, 9, 1, 8)])
-def test_cuda_kernel_source_on_cpu_matches_torch(cpu_kernels, shape):
-    tsslbp.set_backend("torch")
-    x, grad = random_case(shape, seed=sum(shape))
-    a, gx = run_neuron(x, grad)
-    T = shape[-1]
-    n = x.numel() // T
-    ka, ku, kdu = (torch.empty_like(x) for _ in range(3))
-    f = ctypes.c_float
-    cpu_kernels.run_forward(_ptr(x), _ptr(ka), _ptr(ku), _ptr(kdu), ctypes.c_longlong(n),
-                            ctypes.c_int(T), f(0.2), f(1 / 3), f(1.0))
-    assert torch.equal(ka, a)  # bit-identical spikes and traces
-    out = torch.empty_like(x)
-    kappa = glv.psp_kernel(T, 3.0).contiguous()
-    cpu_kernels.run_backward(_ptr(grad), _ptr(ka), _ptr(ku), _ptr(kdu), _ptr(kappa), _ptr(out),
-                             ctypes.c_longlong(n), ctypes.c_int(T), f(0.2), f(1.0), f(1 / 12),
-                             f(0.2), f(8.0), f(8.0))
-    assert torch.allclose(out, gx, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -16,17 +16,24 @@ kernel, G = dL/da), pi_t = o_t clip(1/dU_t, 0, 8) and Theta_T = 0, for t = T-1 .
 with sigma' the derivative of a logistic centred at V_th of width alpha = 0.2 (argument clamped
 to +-8).  Backends: ``torch`` (any device; vectorised over neurons, loops over T) and ``cupy``
 (float32 CUDA tensors; one fused kernel per direction).  ``auto`` picks CuPy for CUDA tensors
-when it imports, torch otherwise; set ``TSSLBP_BACKEND`` or call ``set_backend`` to force one.
+when it imports, torch otherwise, and falls back to torch with one warning if the kernels fail
+to compile or launch; set ``TSSLBP_BACKEND`` or call ``set_backend`` to force one (an unknown
+value is an error).  The backend in use is printed once per process.  The backward pass is
+differentiable once (double backward raises).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
 from global_v import psp_kernel
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from cbp.runtime import UserError
 
 from functions import tsslbp_cuda
 
@@ -34,38 +41,71 @@ ALPHA = 0.2  # width of the surrogate logistic
 PI_MAX = 8.0  # cap on |du/dt|^-1 in the spike-timing term
 Z_MAX = 8.0  # clamp of the surrogate's argument
 BACKENDS = ("auto", "torch", "cupy")
+ENV = "TSSLBP_BACKEND"
 
-_backend = os.environ.get("TSSLBP_BACKEND", "auto").lower() or "auto"
+
+class BackendError(UserError):
+    """A TSSL-BP backend that was asked for cannot run (printed as one line)."""
+
+
+_backend = os.environ.get(ENV, "auto").strip().lower() or "auto"
+_cupy_failure: str | None = None  # why auto mode stopped using CuPy in this process
+_announced: set[str] = set()
 
 
 def set_backend(name: str) -> None:
     """Force ``torch`` or ``cupy`` for every later call, or go back to ``auto``."""
     global _backend
-    name = name.lower()
+    name = name.strip().lower()
     if name not in BACKENDS:
-        raise ValueError(f"unknown TSSL-BP backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown TSSL-BP backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _backend = name
 
 
 def get_backend() -> str:
+    """The requested backend; an unknown ``TSSLBP_BACKEND`` value is an error."""
+    if _backend not in BACKENDS:
+        raise BackendError(f"{ENV}={_backend!r} is not a TSSL-BP backend; "
+                           f"choose one of {', '.join(BACKENDS)}")
     return _backend
 
 
 def resolve_backend(x: Tensor) -> str:
     """The backend that will run for tensor ``x`` under the current setting."""
-    name = _backend if _backend in BACKENDS else "auto"
+    name = get_backend()
     if name == "torch":
         return "torch"
-    usable = x.is_cuda and x.dtype == torch.float32 and tsslbp_cuda.available()
     if name == "cupy":
-        if not x.is_cuda:
-            raise RuntimeError("TSSL-BP backend 'cupy' needs CUDA tensors (use 'torch' on CPU)")
-        if x.dtype != torch.float32:
-            raise RuntimeError(f"TSSL-BP backend 'cupy' supports float32 only, got {x.dtype}")
+        if not tsslbp_cuda.supports(x):
+            raise BackendError("TSSL-BP backend 'cupy' needs float32 CUDA tensors, got "
+                               f"{x.dtype} on {x.device} (set {ENV}=torch)")
         if not tsslbp_cuda.available():
-            raise RuntimeError(f"TSSL-BP backend 'cupy' unavailable: {tsslbp_cuda.import_error()}")
+            raise BackendError(f"TSSL-BP backend 'cupy' unavailable: "
+                               f"{tsslbp_cuda.import_error()} (set {ENV}=torch)")
         return "cupy"
+    usable = _cupy_failure is None and tsslbp_cuda.supports(x) and tsslbp_cuda.available()
     return "cupy" if usable else "torch"
+
+
+def _announce(backend: str) -> None:
+    """Say once per process which backend runs the neuron."""
+    if backend not in _announced:
+        _announced.add(backend)
+        what = "CuPy CUDA kernels" if backend == "cupy" else "torch operations"
+        print(f"TSSL-BP neuron: {backend} backend ({what})", flush=True)
+
+
+def _cupy_failed(exc: Exception, requested: str) -> None:
+    """A CuPy compile or launch error: an error for ``cupy``, a fallback for ``auto``."""
+    global _cupy_failure
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    if requested == "cupy":
+        raise BackendError(f"TSSL-BP backend 'cupy' failed: {reason} (set {ENV}=torch to use "
+                           "the torch backend)") from exc
+    _cupy_failure = reason
+    warnings.warn(f"TSSL-BP: the CuPy kernels failed ({reason}); using the torch backend for "
+                  f"the rest of this run (set {ENV}=torch to skip CuPy)", RuntimeWarning,
+                  stacklevel=3)
 
 
 def _params(network_config: Mapping, layer_config: Mapping) -> tuple[float, float, float]:
@@ -163,22 +203,33 @@ class TSSLBP(torch.autograd.Function):
     def forward(ctx, inputs: Tensor, network_config: Mapping, layer_config: Mapping) -> Tensor:
         theta_m, tau_s, vth = _params(network_config, layer_config)
         backend = resolve_backend(inputs)
-        ctx.consts = (theta_m, tau_s, vth, backend)
-        if backend == "cupy":
-            a, u, du = tsslbp_cuda.forward(inputs, theta_m, tau_s, vth)
-            ctx.save_for_backward(a, u, du)
-            return a
-        a, u, du = torch_forward(inputs, theta_m, tau_s, vth)
-        ctx.save_for_backward(a, u, du)
         ctx.shape = inputs.shape
-        return _from_tm(a, inputs.shape)
+        if backend == "cupy":
+            try:
+                a, u, du = tsslbp_cuda.forward(inputs, theta_m, tau_s, vth)
+            except Exception as exc:  # compile or launch failure
+                _cupy_failed(exc, get_backend())
+                backend = "torch"
+        if backend == "torch":
+            a, u, du = torch_forward(inputs, theta_m, tau_s, vth)
+        _announce(backend)
+        ctx.consts = (theta_m, tau_s, vth, backend)
+        ctx.save_for_backward(a, u, du)
+        return a if backend == "cupy" else _from_tm(a, inputs.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         a, u, du = ctx.saved_tensors
         theta_m, tau_s, vth, backend = ctx.consts
         if backend == "cupy":
-            return tsslbp_cuda.backward(grad, a, u, du, theta_m, tau_s, vth), None, None
+            try:
+                return tsslbp_cuda.backward(grad, a, u, du, theta_m, tau_s, vth), None, None
+            except Exception as exc:
+                _cupy_failed(exc, get_backend())
+            # saved tensors are in (..., T) layout: view them as (T, M) for the torch backend
+            T = ctx.shape[-1]
+            a, u, du = (t.reshape(-1, T).t() for t in (a, u, du))
         out = torch_backward(grad, a, u, du, theta_m, tau_s, vth)
         return _from_tm(out, ctx.shape).to(grad.dtype), None, None
 

@@ -6,7 +6,10 @@ contiguous per neuron) through DLPack, and every launch goes to torch's current 
 CuPy is imported on first use, so this module imports fine on machines without CUDA.
 
 The forward uses round-to-nearest intrinsics so that no multiply-add is contracted: membrane
-potentials, and hence spikes, are bit-identical to the torch backend's.
+potentials, and hence spikes, are bit-identical to the torch backend's.  CuPy compiles every
+kernel with flush-to-zero (``-ftz=true``): subnormal floats (|x| < 1.2e-38) read or produced by
+the kernels become 0, where torch keeps them; normal inputs are unaffected.  The backward
+follows the torch backend's recurrence and clamps, so NaN propagates the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from torch import Tensor
 BLOCK = 256
 
 SOURCE = r"""
+/* clamp that keeps NaN (like torch.clamp); fminf/fmaxf would drop it */
+__device__ __forceinline__ float clamp_nan(float x, float lo, float hi)
+{
+    return (x != x) ? x : fminf(fmaxf(x, lo), hi);
+}
+
 extern "C" __global__
 void tsslbp_forward(const float* __restrict__ inputs, float* __restrict__ a_out,
                     float* __restrict__ u_out, float* __restrict__ du_out,
@@ -56,25 +65,22 @@ void tsslbp_backward(const float* __restrict__ grad_a, const float* __restrict__
     const long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= n_neurons) return;
     const long long base = n * (long long)T;
-    float theta = 0.0f;
+    float theta = 0.0f;  /* Theta_{t+1} */
     for (int t = T - 1; t >= 0; --t) {
         const long long i = base + t;
-        /* future error seen through the PSP kernel */
+        /* S_t: future error seen through the PSP kernel */
         float s = 0.0f;
         for (int k = 0; k < T - t; ++k) s += kappa[k] * grad_a[i + k];
         const float u = u_in[i];
-        const bool spike = u > vth;
-        float pi = 0.0f;
-        if (spike) pi = fminf(fmaxf(1.0f / du_in[i], 0.0f), pi_max);
-        float g = pi * s;
-        if (t != T - 1) {
-            g += theta * u * theta_m * pi;
-            if (!spike) g += theta * (1.0f - theta_m);
-        }
-        theta = spike ? g : theta * (1.0f - theta_m);
+        const float o = (u > vth) ? 1.0f : 0.0f;
+        /* Theta_t = A_t + B_t Theta_{t+1}, in the torch backend's operation order */
+        const float pi = clamp_nan(1.0f / du_in[i], 0.0f, pi_max) * o;
+        const float A = pi * s;
+        const float B = (u * theta_m) * pi + (1.0f - o) * (1.0f - theta_m);
+        theta = (t == T - 1) ? A : A + B * theta;
+        float g = theta;
         if (a[i] < switch_th) {
-            float z = fminf(fmaxf((vth - u) / alpha, -z_max), z_max);
-            const float e = expf(z);
+            const float e = expf(clamp_nan((vth - u) / alpha, -z_max, z_max));
             g = s * (e / ((1.0f + e) * (1.0f + e) * alpha));
         }
         grad_in[i] = g;
@@ -83,6 +89,7 @@ void tsslbp_backward(const float* __restrict__ grad_a, const float* __restrict__
 """
 
 _import_error: str | None = None
+MAX_GRID = 2**31 - 1  # CUDA's limit on gridDim.x
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,9 +107,23 @@ def _cupy():
         return None
 
 
+def reset() -> None:
+    """Forget the imported CuPy module, compiled kernels and cached constants."""
+    global _import_error
+    _import_error = None
+    _cupy.cache_clear()
+    _kernels.cache_clear()
+    _kappa.cache_clear()
+
+
+def supports(x: Tensor) -> bool:
+    """True when the kernels can run on ``x`` (a float32 CUDA tensor)."""
+    return x.is_cuda and x.dtype == torch.float32
+
+
 def available() -> bool:
     """True when CuPy imports and sees a CUDA device."""
-    return torch.cuda.is_available() and _cupy() is not None
+    return _cupy() is not None
 
 
 def import_error() -> str:
@@ -110,8 +131,13 @@ def import_error() -> str:
     return _import_error or "CUDA is not available"
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _kernels(device_index: int):
+    """(forward, backward) kernels compiled for one device (NVRTC, CuPy's options)."""
     cp = _cupy()
     with cp.cuda.Device(device_index):
         module = cp.RawModule(code=SOURCE, options=("--std=c++14",))
@@ -119,15 +145,34 @@ def _kernels(device_index: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _kappa(T: int, tau_s: float, device_index: int) -> Tensor:
-    return psp_kernel(T, tau_s).to(f"cuda:{device_index}")
+def _kappa(T: int, tau_s: float, device: torch.device) -> Tensor:
+    return psp_kernel(T, tau_s).to(device)
+
+
+class _TorchStream:
+    """A torch stream seen through the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, stream) -> None:
+        self.handle = int(stream.cuda_stream)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _stream(cp, device: torch.device):
+    """torch's current stream on ``device`` as a CuPy stream."""
+    torch_stream = _TorchStream(torch.cuda.current_stream(device))
+    if hasattr(cp.cuda.Stream, "from_external"):  # CuPy >= 14
+        return cp.cuda.Stream.from_external(torch_stream)
+    return cp.cuda.ExternalStream(torch_stream.handle, _device_index(device))
 
 
 def _launch(kernel, n: int, device: torch.device, args: tuple) -> None:
     cp = _cupy()
-    stream = torch.cuda.current_stream(device)
     grid = ((n + BLOCK - 1) // BLOCK,)
-    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(stream.cuda_stream, device.index):
+    if grid[0] > MAX_GRID:
+        raise RuntimeError(f"TSSL-BP layer too large for one launch: {n} neurons")
+    with cp.cuda.Device(_device_index(device)), _stream(cp, device):
         kernel(grid, (BLOCK,), args)
 
 
@@ -143,7 +188,7 @@ def forward(inputs: Tensor, theta_m: float, tau_s: float, vth: float):
     n = x.numel() // T
     a, u, du = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     if n > 0:
-        fwd, _ = _kernels(x.device.index)
+        fwd, _ = _kernels(_device_index(x.device))
         _launch(fwd, n, x.device, (
             _view(x), _view(a), _view(u), _view(du), np.int64(n), np.int32(T),
             np.float32(theta_m), np.float32(1.0 / tau_s), np.float32(vth),
@@ -159,8 +204,8 @@ def backward(grad: Tensor, a: Tensor, u: Tensor, du: Tensor,
     n = g.numel() // T
     out = torch.empty_like(g)
     if n > 0:
-        _, bwd = _kernels(g.device.index)
-        kappa = _kappa(T, float(tau_s), g.device.index)
+        _, bwd = _kernels(_device_index(g.device))
+        kappa = _kappa(T, float(tau_s), g.device)
         _launch(bwd, n, g.device, (
             _view(g), _view(a), _view(u), _view(du), _view(kappa), _view(out),
             np.int64(n), np.int32(T), np.float32(theta_m), np.float32(vth),
