@@ -3,7 +3,8 @@
 Baseline: a per-timestep loop written the way the reference writes the neuron (its backward
 re-tiles the PSP kernel to the layer's shape and repeats partial_u over the remaining steps at
 every t).  Ours: the torch backend (vectorised over neurons, (T, M) layout, kernel sum as one
-matmul) and, on a GPU, the fused CuPy kernels.  Default shape: CIFAR-10 conv_2 output
+matmul) and, on a GPU, the fused CuPy kernels.  Every backend is also checked against the loop:
+forward bit-identical, gradients within 1e-5 relative; the script exits 1 otherwise.  Default shape: CIFAR-10 conv_2 output
 (batch 50, 256 x 32 x 32, T = 5).
 
     python benchmarks/bench_tsslbp.py            # CPU, plus GPU rows when CUDA is available
@@ -85,6 +86,17 @@ def loop_backward(grad, a, u, du, o):
     return out_grad
 
 
+GRAD_RTOL = 1e-5
+FAILURES: list[str] = []
+
+
+def grad_error(g, ref) -> float:
+    """max |g - ref| / (|ref| + max |ref|): relative, with entries that cancel to ~0 measured
+    against the largest gradient."""
+    scale = ref.abs().max().clamp(min=1e-30)
+    return ((g - ref).abs() / (ref.abs() + scale)).max().item()
+
+
 def run_loop(x, grad):
     a, u, du, o = loop_forward(x)
     return a, loop_backward(grad, a, u, du, o)
@@ -131,9 +143,14 @@ def bench_device(shape, device: torch.device, repeat: int) -> list[tuple]:
     results = {}
     for b in backends:
         a, g = run_ours(x, grad, b)
-        err = max((a - ref_a).abs().max().item(), (g - ref_g).abs().max().item())
+        err = grad_error(g, ref_g)
+        if not torch.equal(a, ref_a):
+            FAILURES.append(f"{label}: {b} backend forward differs from the reference loop "
+                            f"(max {(a - ref_a).abs().max().item():.1e}; must be bit-identical)")
+        if not err <= GRAD_RTOL:
+            FAILURES.append(f"{label}: {b} backend gradient error {err:.1e} > {GRAD_RTOL:g}")
         results[b] = timed(lambda b=b: run_ours(x, grad, b), device, repeat)
-        rows.append((f"neuron fwd+bwd {label}: {b} backend vs reference loop (max diff "
+        rows.append((f"neuron fwd+bwd {label}: {b} backend vs reference loop (grad error "
                      f"{err:.1e})", t_loop, results[b]))
     if "cupy" in results:
         rows.append((f"neuron fwd+bwd {label}: cupy vs torch backend", results["torch"],
@@ -170,6 +187,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, base, ours in rows:
         print(f"| {name} | {base:.4f} | {ours:.4f} | {base / ours:.1f}x faster |")
+    if FAILURES:
+        for line in FAILURES:
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
