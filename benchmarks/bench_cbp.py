@@ -1,4 +1,5 @@
-"""CBP benchmarks on CPU, each measured side by side in one run.
+"""CBP benchmarks (CPU by default, ``--device cuda`` on a GPU), each measured side by side in
+one run.
 
 (a) Constraint + lambda-term forward and backward over the quantized weights of the full STBP
     network (62,095,360 weights in 8 layers): ``cbp.lagrangian`` vs a straightforward
@@ -7,6 +8,7 @@
     (penalty, lagsum, gradient clip, latent clamp).
 
     python benchmarks/bench_cbp.py [--modes bin ter] [--width 0.25] [--batch 50] [--T 4]
+    python benchmarks/bench_cbp.py --device cuda
 """
 
 from __future__ import annotations
@@ -33,20 +35,30 @@ STBP_QSHAPES = [
 ]
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn, repeat: int) -> float:
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def bench_constraint(modes: list[str], repeat: int) -> list[tuple]:
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(s, generator=g) * 0.01 for s in STBP_QSHAPES]
-    lams = [torch.rand(s, generator=g) * 1e-3 for s in STBP_QSHAPES]
+    weights = [(torch.randn(s, generator=g) * 0.01).to(DEVICE) for s in STBP_QSHAPES]
+    lams = [(torch.rand(s, generator=g) * 1e-3).to(DEVICE) for s in STBP_QSHAPES]
     scales = [w.abs().mean().reshape(1) for w in weights]
     n = sum(w.numel() for w in weights)
     rows = []
@@ -65,7 +77,7 @@ def bench_constraint(modes: list[str], repeat: int) -> list[tuple]:
                     baseline.lagrangian_forward_backward(w.detach(), lam, s, mode, ucs)
 
         t_base, t_ours = timed(base, repeat), timed(ours, repeat)
-        rows.append((f"constraint+lambda fwd/bwd, {n / 1e6:.1f} M weights, {mode}",
+        rows.append((f"constraint+lambda fwd/bwd, {n / 1e6:.1f} M weights, {mode}, {DEVICE.type}",
                      t_base, t_ours, t_base / t_ours))
     return rows
 
@@ -75,11 +87,11 @@ def bench_step(width: float, batch: int, T: int, repeat: int) -> list[tuple]:
     from model import Conv_SNN
     from q_model import Q_Conv_SNN
 
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32).to(DEVICE)
+    y = torch.randint(0, 10, (batch,)).to(DEVICE)
     torch.manual_seed(0)
-    fp = Conv_SNN(10, 0.5, 0.5, 0.5, None, T, width)
-    q = Q_Conv_SNN(10, 0.5, 0.5, 0.5, None, T, "bin", width)
+    fp = Conv_SNN(10, 0.5, 0.5, 0.5, None, T, width).to(DEVICE)
+    q = Q_Conv_SNN(10, 0.5, 0.5, 0.5, None, T, "bin", width).to(DEVICE)
     q.load_state_dict(fp.state_dict(), strict=False)
     opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
     groups = cbp.param_groups(q)
@@ -104,16 +116,20 @@ def bench_step(width: float, batch: int, T: int, repeat: int) -> list[tuple]:
 
     t_fp, t_q = [], []
     step_fp(), step_q()
+    sync()
     for _ in range(repeat):  # interleaved so background load hits both alike
         t = time.perf_counter()
         step_fp()
+        sync()
         t_fp.append(time.perf_counter() - t)
         t = time.perf_counter()
         step_q()
+        sync()
         t_q.append(time.perf_counter() - t)
     a, b = statistics.median(t_fp), statistics.median(t_q)
     nq = sum(t.weight.numel() for t in ctl.targets)
-    return [(f"STBP train step width {width} ({nq / 1e6:.2f} M q-weights), batch {batch}, T {T}: "
+    return [(f"STBP train step width {width} ({nq / 1e6:.2f} M q-weights), batch {batch}, T {T}, "
+             f"{DEVICE.type}: "
              "fp32 vs CBP (overhead)", a, b, b / a)]
 
 
@@ -124,8 +140,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available")
+    DEVICE = torch.device(args.device)
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+               f"threads, torch {torch.__version__}")
+    if DEVICE.type == "cuda":
+        machine += f", {torch.cuda.get_device_name(DEVICE)}"
     rows = bench_constraint(args.modes, args.repeat)
     rows += bench_step(args.width, args.batch, args.T, max(args.repeat, 5))
     print(f"machine: {machine}")

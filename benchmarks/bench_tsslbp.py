@@ -10,6 +10,7 @@ forward bit-identical, gradients within 1e-5 relative; the script exits 1 otherw
     python benchmarks/bench_tsslbp.py            # CPU, plus GPU rows when CUDA is available
     python benchmarks/bench_tsslbp.py --small    # small shape (fast on CPU)
     python benchmarks/bench_tsslbp.py --device cuda --repeat 20
+    python benchmarks/bench_tsslbp.py --device cuda --conv-shapes   # every CIFAR-10 conv layer
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "CBP-QSNN-TSSL-BP"))
 from functions import tsslbp  # noqa: E402
 
 TAU_M, TAU_S, VTH = 5.0, 3.0, 1.0
+# outputs of the five conv layers of the CIFAR-10 network (Networks/CIFAR10_*.yaml), batch 50
+CONV_SHAPES = [(50, 96, 32, 32, 5), (50, 256, 32, 32, 5), (50, 384, 16, 16, 5),
+               (50, 384, 8, 8, 5), (50, 256, 8, 8, 5)]
 NET, LAYER = {"tau_m": TAU_M, "tau_s": TAU_S}, {"threshold": VTH}
 
 
@@ -163,10 +167,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="batch 4, 64 x 16 x 16 (fast on CPU)")
     p.add_argument("--shape", type=int, nargs=5, default=None, metavar=("N", "C", "H", "W", "T"))
+    p.add_argument("--conv-shapes", action="store_true",
+                   help="every conv layer shape of the CIFAR-10 network")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     shape = args.shape or ([4, 64, 16, 16, 5] if args.small else [50, 256, 32, 32, 5])
+    shapes = CONV_SHAPES if args.conv_shapes else [shape]
     devices = []
     if args.device in ("all", "cpu"):
         devices.append(torch.device("cpu"))
@@ -177,7 +184,9 @@ def main() -> None:
             raise SystemExit("error: --device cuda requested but CUDA is not available")
     rows = []
     for dev in devices:
-        rows += bench_device(shape, dev, args.repeat if dev.type == "cpu" else max(args.repeat, 10))
+        for shape in shapes:
+            rows += bench_device(shape, dev,
+                                 args.repeat if dev.type == "cpu" else max(args.repeat, 10))
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                f"threads, torch {torch.__version__}")
     if torch.cuda.is_available():

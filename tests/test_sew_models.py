@@ -18,6 +18,7 @@ from torch import nn
 
 import cbp
 
+pytest.importorskip("spikingjelly")  # the GPU check collects this file without it
 SEW_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-SEW-ResNet"
 if str(SEW_DIR) not in sys.path:
     sys.path.insert(0, str(SEW_DIR))
