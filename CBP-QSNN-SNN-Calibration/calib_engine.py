@@ -53,7 +53,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default=1000, type=int, help="random seed to reproduce results")
     p.add_argument("--batch_size", default=128, type=_positive_int, help="minibatch size")
     p.add_argument("--usebn", action="store_true", help="use batch normalization in ann")
-    p.add_argument("--device", default="cuda", help="device: cpu, cuda or cuda:N")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     # additions
     p.add_argument("--width", default=1.0, type=_positive_float,
                    help="channel-width multiplier (1.0 = the paper's VGG16)")

@@ -274,6 +274,7 @@ class FakeCupy:
         self.cxx = cxx or compiler()
         self.compile_error: str | None = None
         self.launch_error: str | None = None
+        self.cuda_version: int | None = None  # runtimeGetVersion(); default: torch's CUDA
         self.launches: list[Launch] = []
         self.compiles: list[tuple] = []
         self.stream_stack: list[FakeStream] = []
@@ -305,7 +306,10 @@ class FakeCupy:
         cuda.Stream = Stream
         cuda.ExternalStream = external_stream
         cuda.Device = lambda index=None: FakeDevice(fake, index)
-        cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+        major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else 13
+        cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                             runtimeGetVersion=lambda: fake.cuda_version
+                                             or major * 1000)
         cp.cuda = cuda
         cp.RawModule = lambda code, options=(), **kw: FakeModule(fake, code, tuple(options))
 

@@ -231,6 +231,9 @@ def test_dvs128_errors(tmp_path, capsys):
     assert "SEW_ResNet_DVS128Gesture_bin_cbp_prequantized.pth not found" in err
     err = cli_error("DVS128Gesture", DVS.replace("--connect_f ADD", ""), tmp_path, capsys)
     assert "--connect_f" in err
+    # --world-size is checked against what the launcher started (here: one process)
+    err = cli_error("DVS128Gesture", f"{DVS} --test-only --world-size 2", tmp_path, capsys)
+    assert err.startswith("error: --world-size 2, but 1 process(es) were started")
 
 
 def test_dvs128_script_on_digits_events(tmp_path, capsys):

@@ -293,6 +293,17 @@ def test_explicit_cupy_failure_is_one_clear_error(fake, which):
     assert "\n" not in msg and "boom second line" in msg and "TSSLBP_BACKEND=torch" in msg
 
 
+def test_cupy_for_another_cuda_major_is_not_used(fake):
+    fake.cuda_version = 11080
+    x = torch.ones(1, 1, 1, 1, 5)
+    tsslbp.set_backend("auto")
+    assert tsslbp.resolve_backend(x) == "torch"
+    tsslbp.set_backend("cupy")
+    with pytest.raises(tsslbp.BackendError, match=r"CuPy is built for CUDA 11 but torch for CUDA "
+                       r"\d+; install cupy-cuda\d+x"):
+        tsslbp.resolve_backend(x)
+
+
 def test_backend_announced_once(fake, capsys):
     net, layer = cfg(CONSTANTS[0])
     tsslbp.set_backend("auto")

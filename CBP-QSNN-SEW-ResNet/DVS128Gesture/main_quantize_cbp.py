@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (distributed, CUDA)")
     p.add_argument("--test-only", action="store_true")
     p.add_argument("--amp", action="store_true", help="automatic mixed precision")
-    p.add_argument("--world-size", default=1, type=positive_int, help="(set by the launcher)")
+    p.add_argument("--world-size", default=None, type=positive_int,
+                   help="number of processes; checked against the launcher's WORLD_SIZE "
+                        "(default: what the launcher started)")
     p.add_argument("--dist-url", default="env://")
     p.add_argument("--tb", action="store_true", help="write tensorboard scalars")
     p.add_argument("--T", default=16, type=positive_int, help="frames per sample")
@@ -169,7 +171,7 @@ def main(argv=None, fp32: bool = False) -> None:
         pretrained_hint=f"download it from {engine.DRIVE} or create it with: {fp32_cmd}",
         prequantized=prequantized_path(args.quant, args.dataset),
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
-        sync_bn=args.sync_bn, dist_url=args.dist_url,
+        sync_bn=args.sync_bn, dist_url=args.dist_url, world_size=args.world_size,
     )
     pipeline.dataset = args.dataset
     engine.execute(pipeline, args)

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", default="/home/wfang/datasets/ImageNet",
                    help="folder with train/ and val/ (ImageFolder layout)")
     p.add_argument("--model", default="sew_resnet18", choices=list(MODELS))
-    p.add_argument("--gpu", default=0, type=int, help="(set from LOCAL_RANK when distributed)")
+    p.add_argument("--gpu", default=0, type=int,
+                   help="accepted for the reference's command lines; the device comes from "
+                        "--device, or from LOCAL_RANK under a launcher")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("-b", "--batch-size", default=32, type=positive_int, help="per process")
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--test-only", action="store_true")
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--world-size", default=1, type=positive_int, help="(set by the launcher)")
+    p.add_argument("--world-size", default=None, type=positive_int,
+                   help="number of processes; checked against the launcher's WORLD_SIZE "
+                        "(default: what the launcher started)")
     p.add_argument("--dist-url", default="env://")
     p.add_argument("--tb", action="store_true", help="write tensorboard scalars")
     p.add_argument("--T", default=4, type=positive_int, help="simulation steps")
@@ -166,7 +170,7 @@ def main(argv=None, fp32: bool = False) -> None:
                         f"or create it with: {fp32_cmd}",
         prequantized=prequantized_path(args.model, args.quant),
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
-        sync_bn=args.sync_bn, dist_url=args.dist_url,
+        sync_bn=args.sync_bn, dist_url=args.dist_url, world_size=args.world_size,
     )
     pipeline.dataset = "ImageNet"
     engine.execute(pipeline, args)

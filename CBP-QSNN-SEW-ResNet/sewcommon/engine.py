@@ -30,6 +30,7 @@ from cbp.run import Run
 from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401 (used by the scripts)
 from cbp.runtime import (
     Scalars,
+    UserError,
     progress,
     require_file,
     seed_everything,
@@ -442,6 +443,7 @@ class Pipeline:
     drop_last_train: bool = False
     sync_bn: bool = False
     dist_url: str = "env://"
+    world_size: int | None = None  # --world-size: must match the launcher's when given
     test_only_report: Callable[[float, float, float], None] | None = None
     dataset: str = ""
 
@@ -451,6 +453,10 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
     Under torchrun an error on one rank ends every rank with that rank's line."""
     distributed = D.init_from_env(device=p.device, init_method=p.dist_url)
     with D.collective():
+        if p.world_size is not None and p.world_size != D.world_size():
+            raise UserError(f"--world-size {p.world_size}, but {D.world_size()} process(es) "
+                            "were started (the launcher sets the world size: torchrun "
+                            "--nproc_per_node N; leave --world-size out)")
         device = resolve_device(p.device)
     seed_everything(p.seed, deterministic=True)
     print(args)

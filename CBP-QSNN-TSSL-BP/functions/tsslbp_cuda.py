@@ -101,6 +101,11 @@ def _cupy():
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no CUDA device visible to CuPy")
+        major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+        want = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else major
+        if major != want:
+            raise RuntimeError(f"CuPy is built for CUDA {major} but torch for CUDA {want}; "
+                               f"install cupy-cuda{want}x (the project's cuda{want} extra)")
         return cupy
     except Exception as exc:  # ImportError, missing driver, ...
         _import_error = f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,202 @@
+"""What the project says about installing and running it is true: the README's two commands
+(which CI runs in a clean virtual environment), the declared dependencies against what the
+code imports, the CUDA extras, device defaults, and every flag the READMEs show against the
+scripts' parsers."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import os
+import re
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / ".ci"))
+import readme_commands  # noqa: E402
+
+
+def _declared() -> tuple[list[str], dict[str, list[str]]]:
+    """(runtime requirements, {extra: requirements}) from the installed package's metadata,
+    i.e. what pip saw in pyproject.toml."""
+    runtime, extras = [], {}
+    for req in importlib.metadata.requires("cbp-qsnn") or []:
+        spec, _, marker = req.partition(";")
+        extra = re.search(r'extra\s*==\s*"([^"]+)"', marker)
+        if extra:
+            extras.setdefault(extra.group(1), []).append(spec.strip())
+        else:
+            runtime.append(spec.strip())
+    return runtime, extras
+
+
+RUNTIME, EXTRAS = _declared()
+# import name -> distribution, for the third-party packages the code imports
+DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "spikingjelly": "spikingjelly",
+                 "numpy": "numpy", "yaml": "pyyaml", "tensorboard": "tensorboard",
+                 "tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib",
+                 "cupy": "cupy", "cupy_backends": "cupy", "PIL": "pillow", "scipy": "scipy"}
+TRANSITIVE = {"pillow": "torchvision", "scipy": "scikit-learn"}  # guaranteed by another dependency
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].strip().lower()
+
+
+def test_readme_commands_are_what_ci_runs():
+    install, test = readme_commands.commands((ROOT / "README.md").read_text())
+    assert install == 'pip install -e ".[dev]"'
+    assert test == "python -m pytest -q"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv" in ci
+    assert "readme_commands.py install" in ci and "readme_commands.py test" in ci
+    assert "pip install" not in ci  # nothing the README does not do
+    with pytest.raises(SystemExit, match="first bash block"):
+        readme_commands.commands("```bash\npip install -e .\n```\n")
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    local = {p.stem for p in ROOT.rglob("*.py")} | {p.name for p in ROOT.rglob("*") if p.is_dir()}
+    found: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "benchmarks", ".ci", "build") or "egg-info" in str(rel):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in local or top == "cbp":
+                    continue
+                found.setdefault(top, set()).add(str(rel))
+    return found
+
+
+def test_every_imported_package_is_declared():
+    runtime = {_name(r) for r in RUNTIME}
+    extras = EXTRAS
+    optional = {_name(r).removesuffix("-cuda12x").removesuffix("-cuda13x")
+                for group in ("cuda12", "cuda13") for r in extras[group]}
+    for top, files in _third_party_imports().items():
+        assert top in DISTRIBUTIONS, f"{top} (imported by {sorted(files)[:3]}) is not mapped"
+        dist = DISTRIBUTIONS[top]
+        dist = TRANSITIVE.get(dist, dist)
+        assert dist in runtime | optional, f"{dist} (for {sorted(files)[:3]}) is not declared"
+
+
+def test_cpu_install_pulls_no_cupy_and_extras_match_cuda_majors():
+    runtime = RUNTIME
+    assert not any("cupy" in r for r in runtime)
+    extras = EXTRAS
+    assert extras["cuda12"] == ["cupy-cuda12x>=13"]
+    assert [_name(r) for r in extras["cuda13"]] == ["cupy-cuda13x"]
+    assert {"pytest", "pytest-xdist", "hypothesis"} <= {_name(r) for r in extras["dev"]}
+    torch_req = next(r for r in runtime if _name(r) == "torch")
+    assert torch_req == "torch>=2.5"  # torch.serialization.safe_globals
+    for req in ("requirements.txt", "requirements-dev.txt"):
+        lines = [ln for ln in (ROOT / req).read_text().splitlines()
+                 if ln.strip() and not ln.startswith("#")]
+        assert lines == (["-e ."] if req == "requirements.txt" else ["-e .[dev]"])
+
+
+# ----------------------------------------------------------------------------- README flags
+
+
+def _readme_commands() -> list[tuple[str, Path, list[str]]]:
+    """(README, script, flags) for every ``python <script>.py ...`` line of a code block; the
+    script is looked up in the folder of the last ``cd``, of the section heading that names a
+    pipeline folder, then the README's folder and the repository root."""
+    out = []
+    readmes = [ROOT / "README.md", *sorted(ROOT.glob("CBP-QSNN-*/README.md"))]
+    for readme in readmes:
+        lines = readme.read_text().replace("\\\n", " ").splitlines()
+        section = readme.parent
+        in_block = False
+        for raw in lines:
+            if raw.startswith("```"):
+                in_block = not in_block
+                folder = section
+                continue
+            if not in_block:
+                head = re.match(r"#+\s+(\S+)", raw)
+                if head and (ROOT / head.group(1)).is_dir():
+                    section = ROOT / head.group(1)
+                continue
+            line = raw.split("#", 1)[0].strip()
+            if line.startswith("cd "):
+                folder = (folder / line[3:].strip()).resolve()
+                continue
+            try:
+                tokens = shlex.split(line)
+            except ValueError:
+                continue
+            script = next((t for t in tokens if t.endswith(".py")), None)
+            if script is None or tokens[0] not in ("python", "torchrun"):
+                continue
+            if tokens[1] == "-m" and tokens[2] not in ("torch.distributed.launch",
+                                                       "torch.distributed.run"):
+                continue  # e.g. python -m pytest tests/...
+            candidates = (folder / script, section / script, readme.parent / script, ROOT / script)
+            path = next((p for p in candidates if p.is_file()), None)
+            assert path is not None, f"{readme.name}: {script} does not exist ({line})"
+            rest = tokens[tokens.index(script) + 1:]
+            flags = [t.strip("[]").split("=")[0] for t in rest
+                     if t.strip("[]").startswith("-") and not re.match(r"-\d", t)]
+            out.append((str(readme.relative_to(ROOT)), path, flags))
+    return out
+
+
+@cache
+def _help(script: Path) -> str:
+    env = dict(os.environ, CBP_NO_PROGRESS="1")
+    res = subprocess.run([sys.executable, script.name, "--help"], cwd=script.parent, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{script} --help failed: {res.stderr[-500:]}"
+    return res.stdout
+
+
+def test_every_flag_in_the_readmes_is_accepted():
+    commands = _readme_commands()
+    scripts = sorted({c[1] for c in commands})
+    assert len(scripts) >= 10
+    with ThreadPoolExecutor(2) as pool:
+        helps = dict(zip(scripts, pool.map(_help, scripts)))
+    missing = []
+    for readme, script, flags in commands:
+        options = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", helps[script]))
+        for f in flags:
+            # argparse also takes an unambiguous prefix (the reference's README writes --epoch)
+            if f not in options and len([o for o in options if o.startswith(f)]) != 1:
+                missing.append(f"{readme}: {script.relative_to(ROOT)} {f}")
+    assert not missing, "flags shown in a README but not accepted:\n" + "\n".join(missing)
+
+
+def test_calibration_device_defaults_to_the_best_available():
+    sys.path.insert(0, str(ROOT / "CBP-QSNN-SNN-Calibration"))
+    try:
+        import calib_engine
+    finally:
+        sys.path.remove(str(ROOT / "CBP-QSNN-SNN-Calibration"))
+    import argparse
+
+    import torch
+
+    from cbp.runtime import select_device
+
+    p = argparse.ArgumentParser()
+    calib_engine.add_common_args(p)
+    args = p.parse_args(["--dpath", "."])
+    assert args.device is None
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device(args.device).type == want
