@@ -221,7 +221,7 @@ def test_flags_defaults_and_fixed_options():
     assert (a.dataset, a.arch, a.seed, a.batch_size, a.calib, a.T, a.epochs, a.opt, a.lr,
             a.momentum, a.lr_lambda, a.quant, a.period, a.device, a.usebn) == (
         "CIFAR10", "VGG16", 1000, 128, "none", 32, 100, "SGD", 1e-4, 0.9, 1e-5, "bin", 20,
-        "cuda", False)
+        None, False)  # device None = cuda when available, else cpu (the reference: "cuda")
     assert a.wd == 1e-4 and CBPMAIN.parse_args(["--dpath", "x", "--usebn"]).wd == 5e-4
     assert CBPMAIN.parse_args(["--dpath", "x", "--wd", "3e-3"]).wd == 3e-3
     assert CBPMAIN.parse_args(["--dpath", "x", "-epochs", "7"]).epochs == 7
