@@ -351,11 +351,19 @@ def convert(args, ann: VGG, train_loader, test_loader, device: torch.device, sho
     snn acc %), the SNN already threshold-normalised and in spike mode."""
     search_fold_and_remove_bn(ann)
     ann.to(device)
-    for m in ann.modules():
-        if isinstance(m, AvgPoolConv):
+    # The pooling kernels are parameters the ANN training moved slightly off 1/4; the
+    # reference converts them as loaded.  The ANN's own forward resets them to 1/4, so they
+    # are put back after the ANN evaluation.
+    pools = [m for m in ann.modules() if isinstance(m, AvgPoolConv)]
+    if getattr(args, "reset_pool", False):
+        for m in pools:
             m.set_weight_to_avg()
+    loaded = [m.weight.detach().clone() for m in pools]
     print("ANN (BN folded):")
     ann_acc = validate_model(test_loader, ann, show, "ANN test")
+    with torch.no_grad():
+        for m, w in zip(pools, loaded):
+            m.weight.copy_(w)
     snn = SpikeModel(model=ann, sim_length=args.T).to(device)
     set_thresholds(snn, train_loader, args.calib, args.T)
     calibrate(snn, train_loader, args.calib, args.wc_iters, args.wc_samples, args.wc_lr)

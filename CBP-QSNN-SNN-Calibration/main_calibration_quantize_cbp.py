@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib", default="none", type=str, help="calibration methods",
                    choices=["none", "light", "advanced"])
     p.add_argument("--T", default=32, type=E.positive_int, help="snn simulation length")
+    p.add_argument("--reset_pool", action="store_true",
+                   help="set the pooling kernels to exactly 1/4 before conversion (default: "
+                        "convert them as loaded, as the reference does)")
     p.add_argument("-epochs", "--epochs", dest="epochs", default=100, type=E.nonneg_int,
                    metavar="N", help="number of total epochs to run")
     p.add_argument("--opt", type=str, default="SGD", choices=["SGD", "Adam"],

@@ -539,3 +539,106 @@ def test_reported_snn_accuracy_is_measured_in_spike_mode(calib, monkeypatch):
                           torch.device("cpu"), False)
     assert seen == [("ANN test", None), ("SNN test", True)]
     assert all(m.threshold == 1.0 for _, m in snn.spike_modules())
+
+
+# ---------------------------------------------------------------------------- fidelity
+
+
+def test_bias_correction_reduces_axis_by_axis_like_the_reference():
+    """The per-channel mean is x.mean(3).mean(2).mean(0), bit for bit; a one-call
+    mean((0, 2, 3)) differs in the last bit on this input (so the test can tell them apart)."""
+    from CIFAR.models import calibration
+
+    x = torch.randn(16, 4, 7, 9, generator=torch.Generator().manual_seed(3)).abs()
+    ref = x.mean(3).mean(2).mean(0)
+    assert torch.equal(calibration.channel_mean(x), ref)
+    assert not torch.equal(x.mean((0, 2, 3)), ref)
+    assert torch.equal(calibration.channel_mean(x[:, :, 0, 0]), x[:, :, 0, 0].mean(0))
+
+    # bias correction of one layer: b <- b - (mean_c(snn / T) - mean_c(ann)), exactly
+    T = 4
+    _, snn = random_snn(T, seed=5)
+    xin = torch.rand(8, 3, 32, 32)
+    get_maximum_activation([(xin, None)], snn, iters=0, mse=False, sim_length=T)
+    name, m = snn.spike_modules()[1]
+    b0 = m.bias.detach().clone()
+    get = GetLayerInputOutput(snn, m)
+    snn.set_spike_state(False)
+    org = get(xin)[1]
+    snn.set_spike_state(True)
+    get.data_saver.reset()
+    snn_out = get(xin)[1] / T
+    calibration.emp_bias_corr(snn, m, xin, verbose=False)
+    want = b0 - (snn_out.mean(3).mean(2).mean(0) - org.mean(3).mean(2).mean(0))
+    assert torch.equal(m.bias.detach(), want)
+
+
+def test_reduction_order_flips_a_spike():
+    """Why the order matters: on this layer the one-call mean gives a bias 1 ulp off in some
+    channel, and a current that reaches the threshold with the reference's bias stays below
+    it with the other (the layer-by-layer correction then carries that spike onward)."""
+    from CIFAR.models import calibration
+    from CIFAR.models.spiking_layer import heaviside_spike, integrate_and_fire
+
+    T = 4
+    _, snn = random_snn(T, seed=5)
+    xin = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    get_maximum_activation([(xin, None)], snn, iters=0, mse=False, sim_length=T)
+    _, m = snn.spike_modules()[1]
+    b0 = m.bias.detach().clone()
+    get = GetLayerInputOutput(snn, m)
+    snn.set_spike_state(False)
+    org = get(xin)[1]
+    snn.set_spike_state(True)
+    get.data_saver.reset()
+    snn_out = get(xin)[1] / T
+    calibration.emp_bias_corr(snn, m, xin, verbose=False)
+    b_ref = m.bias.detach()
+    b_alt = b0 - (snn_out.mean((0, 2, 3)) - org.mean((0, 2, 3)))
+    differ = (b_ref != b_alt).nonzero().flatten()
+    assert differ.numel() > 0  # the two orders disagree on this layer
+    c = int(differ[0])
+    # a neuron of channel c whose threshold lies where the two biases disagree: threshold in
+    # the bias's binade, currents z (bias excluded) one float apart around the crossing
+    theta = 2.0 * abs(float(b_ref[c]))
+    m.threshold = theta
+    shift = theta * 0.5 / T
+    z0 = torch.tensor(theta - shift - float(b_ref[c]), dtype=torch.float32)
+    z = [z0]
+    for _ in range(64):
+        z = [torch.nextafter(z[0], torch.tensor(-1e9)), *z, torch.nextafter(z[-1],
+                                                                           torch.tensor(1e9))]
+    z = torch.stack(z)
+
+    def spikes(bias):
+        m.mem_pot = 0
+        return integrate_and_fire(m, z + bias, heaviside_spike) > 0
+
+    flipped = spikes(b_ref[c]) != spikes(b_alt[c])
+    assert flipped.sum() >= 1
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_pooling_kernels_are_converted_as_loaded(reset):
+    """The ANN training moves the pooling kernels off 1/4 (they are parameters); the reference
+    converts them as loaded.  --reset_pool sets them to 1/4 first."""
+    from CIFAR.models.utils import AvgPoolConv
+
+    torch.manual_seed(0)
+    ann = VGG("VGG16", 10, use_bn=False, width=0.0625)
+    pools = [m for m in ann.modules() if isinstance(m, AvgPoolConv)]
+    with torch.no_grad():
+        for i, m in enumerate(pools):
+            m.weight.add_(1e-3 * (i + 1))  # e.g. 0.251, 0.252, ...
+    loaded = [m.weight.detach().clone() for m in pools]
+    x = torch.rand(4, 3, 32, 32)
+    args = _args(width=0.0625, T=2, calib="none", wc_iters=1, wc_samples=4, wc_lr=1e-5,
+                 reset_pool=reset)
+    snn, _, _ = E.convert(args, ann, [(x, None)], [(x, torch.zeros(4).long())],
+                          torch.device("cpu"), False)
+    spiking_pools = [m for _, m in snn.spike_modules() if m.weight.shape[-1] == 2]
+    assert len(spiking_pools) == len(pools) == 5
+    for m, w in zip(spiking_pools, loaded):
+        # org_weight: the kernel as converted (weight is rescaled by threshold normalisation)
+        want = torch.full_like(w, 0.25) if reset else w
+        assert torch.equal(m.org_weight, want)

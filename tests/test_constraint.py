@@ -117,10 +117,17 @@ def test_outside_range_is_twice_the_excess(mode, ucs):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ucs", UCS_HAND)
 def test_window_edges(mode, ucs):
-    """Y keeps gap*ucs exactly at r_lo and r_hi; slightly inside the window it is 0."""
+    """A weight exactly on a window edge r_lo or r_hi gets the reference's value, bit for bit:
+    gap*ucs, or 0 where the reference's float rounding puts the triangle just above gap*ucs
+    (then the weight is free, its multiplier stops growing, as in the reference).  Slightly
+    inside the window Y is 0; slightly outside it is 2 * distance."""
+    s = torch.tensor([S])
     for _lo, _hi, mid, r_lo, r_hi, gap in edges(mode, ucs, S):
-        at = Y([float(r_lo), float(r_hi)], mode, ucs)
-        assert at.tolist() == pytest.approx([float(gap) * ucs] * 2, abs=1e-6)
+        w = torch.tensor([float(r_lo), float(r_hi)])
+        at = cbp.constraint(w, s, mode, ucs)
+        assert torch.equal(at, baseline.constraint_forward(w, s, mode, ucs))
+        for v in at.tolist():
+            assert v == 0.0 or v == pytest.approx(float(gap) * ucs, abs=1e-6)
         if ucs < 1:
             eps = float(gap) * 1e-3
             inside = Y([float(r_lo) + eps, float(r_hi) - eps, float(mid)], mode, ucs)
@@ -130,6 +137,21 @@ def test_window_edges(mode, ucs):
             outside = Y([float(r_lo) - eps, float(r_hi) + eps], mode, ucs)
             want = [float(gap) * ucs - 2 * eps] * 2
             assert outside.tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_a_weight_on_the_right_edge_can_be_zeroed_like_the_reference():
+    """ter, s = 0.5, ucs = 2/3: at r_hi of the upper interval the reference's triangle rounds
+    above gap*ucs and is zeroed; the multiplier's ascent step (-Y) is then 0 there too."""
+    ucs = 2 / 3
+    s = torch.tensor([S])
+    (_, _, _, _, r_hi0, _), (_, _, _, r_lo1, r_hi1, gap) = edges("ter", ucs, S)
+    w = torch.tensor([float(r_lo1), float(r_hi1), float(r_hi0)])
+    y = cbp.constraint(w, s, "ter", ucs)
+    assert torch.equal(y, baseline.constraint_forward(w, s, "ter", ucs))
+    assert (y == 0).any() and (y > 0).any()
+    lam = torch.zeros(3, requires_grad=True)
+    cbp.lagrangian(w, lam, s, "ter", ucs).backward()
+    assert torch.equal(lam.grad, y)
 
 
 def test_exact_window_edges_with_dyadic_ucs():
@@ -264,7 +286,10 @@ def test_forward_matches_baseline_on_random_weights(mode, ucs):
     w = torch.randn(5000, generator=g) * 0.1
     got = cbp.constraint(w, s, mode, ucs)
     ref = baseline.constraint_forward(w, s, mode, ucs)
-    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+    assert torch.equal(got, ref)  # the reference's formula and operation order, bit for bit
+    lam = torch.rand(5000, generator=g)
+    total = cbp.lagrangian(w, lam, s, mode, ucs)
+    assert total.dtype == torch.float32 and torch.equal(total, (lam * ref).sum())
 
 
 def test_no_gradient_to_scale():
@@ -352,8 +377,8 @@ def test_constraint_sum(mode):
     w = torch.randn(40, 3, generator=g) * 0.2
     for ucs in (0.0, 0.5, 1.0):
         got = cbp.constraint_sum(w, 0.15, mode, ucs)
-        assert isinstance(got, float)
-        assert got == pytest.approx(float(cbp.constraint(w, 0.15, mode, ucs).double().sum()), rel=1e-6)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert torch.equal(got, cbp.constraint(w, 0.15, mode, ucs).sum())  # float32, as CFS
     # default ucs is 1 (the CFS metric)
     assert cbp.constraint_sum(w, 0.15, mode) == cbp.constraint_sum(w, 0.15, mode, 1.0)
 

@@ -76,7 +76,7 @@ def test_lagsum_trigger():
     assert d.updated and c.g == 2 and c.lagsum_pre == LAGSUM_INIT and c.period == 0
     d = feed(c, opt, 1e9)  # compared with 1e10: never triggers right after an update
     assert not d.updated and c.g == 2 and c.lagsum_pre == 1e9
-    d = feed(c, opt, 1e9 + 1)  # increase triggers
+    d = feed(c, opt, 1e9 + 128)  # increase triggers (float32 spacing at 1e9 is 64)
     assert d.updated and c.g == 3
 
 
@@ -88,6 +88,22 @@ def test_lagsum_sums_batches_and_resets():
     assert d.lagsum == 0.0 and not d.updated
     c.accumulate(torch.tensor([0.5, 0.25]))  # a (1,)-shaped or batched loss is summed
     assert c.end_epoch(opt).lagsum == 0.75
+
+
+def test_lagsum_is_float32_like_the_reference_so_ties_decide_alike():
+    """Epoch 1's batches 1 and 1e-8 sum to 1.0 in float32 (1.00000001 in float64); epoch 2
+    sums to 1.0.  The reference accumulates in float32, sees a tie (>=) and updates lambda; a
+    float64 lagsum would see a decrease and not update."""
+    _, opt, c = make(period_max=1000)
+    c.start()
+    d = feed(c, opt, 1.0, 1e-8)
+    assert not d.updated and d.lagsum == 1.0
+    d = feed(c, opt, 1.0)
+    assert d.updated and d.compared_to == 1.0 and c.g == 2
+    # a float16 / bfloat16 Lagrangian (AMP) is accumulated in float32
+    c.accumulate(torch.tensor(2048.0, dtype=torch.float16))
+    c.accumulate(torch.tensor(1.0, dtype=torch.bfloat16))
+    assert c.end_epoch(opt).lagsum == 2049.0
 
 
 @pytest.mark.parametrize("period_max", [3, 20])

@@ -104,11 +104,11 @@ def cfs(model_or_targets: nn.Module | list[QuantTarget]) -> float:
     n = sum(t.weight.numel() for t in targets)
     if n == 0:
         return 0.0
-    total = sum(
-        constraint_sum(t.weight, float(t.scale.detach().reshape(-1)[0]), t.mode, 1.0)
-        for t in targets
-    )
-    return total / n
+    total = None  # accumulated layer by layer in the weights' dtype, as the reference does
+    for t in targets:
+        v = constraint_sum(t.weight, float(t.scale.detach().reshape(-1)[0]), t.mode, 1.0)
+        total = v if total is None else total + v.to(total.device)
+    return float(total) / n
 
 
 class CBP:
@@ -190,8 +190,12 @@ class CBP:
         return lag
 
     def accumulate(self, lag: Tensor) -> None:
-        """Add a batch's Lagrangian to this epoch's lagsum (no host sync)."""
-        v = lag.detach().reshape(-1).sum().double()
+        """Add a batch's Lagrangian to this epoch's lagsum (no host sync).  The sum is kept in
+        float32 (the Lagrangian's dtype, never less), as the reference accumulates it: its
+        lambda-update decisions compare these float32 sums."""
+        v = lag.detach().reshape(-1).sum()
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()
         self._lagsum = v if self._lagsum is None else self._lagsum + v.to(self._lagsum.device)
 
     @torch.no_grad()
@@ -223,7 +227,7 @@ class CBP:
         """This epoch's lagsum summed over all ranks (and reset for the next epoch)."""
         if self._lagsum is None:
             dev = self.targets[0].weight.device
-            self._lagsum = torch.zeros((), dtype=torch.float64, device=dev)
+            self._lagsum = torch.zeros((), dtype=torch.float32, device=dev)
         total = self._lagsum.reshape(1).clone()
         D.all_reduce_sum(total)
         self._lagsum = None

@@ -59,7 +59,17 @@ def _plan(mode: str, scale: float, ucs: float, dtype: torch.dtype) -> tuple:
         order += [slope_edges[len(q) + 2 * i][0], slope_edges[len(q) + 2 * i + 1][0], float(q[i + 1])]
     exact = all(abs(v) in (0.0, 2.0) for v in table)
     lookup = None if exact else (tuple(order), tuple(table))
-    return float(q[0]), tuple(slope_edges), tuple(nearest), tuple(window_start), lookup
+    # the forward value as the reference computes it, in ``dtype``: per interval
+    # max(0, min((w - lo) / (mid - lo), (w - hi) / (mid - hi)) * (hi - lo)), set to 0 above
+    # (hi - lo) * ucs; every constant below is exactly a ``dtype`` value
+    triangles = []
+    for i in range(len(ls.gaps)):
+        lo, hi = q[i], q[i + 1]
+        mid = ls.mids[i] * s
+        triangles.append((float(lo), float(hi), float(mid - lo), float(mid - hi), float(hi - lo),
+                          float((hi - lo) * ucs)))
+    ratio = (float(q[0]), float(q[-1]), tuple(triangles))
+    return float(q[0]), tuple(slope_edges), tuple(nearest), tuple(window_start), lookup, ratio
 
 
 def _chunk_size(n: int, device: torch.device) -> int:
@@ -67,24 +77,29 @@ def _chunk_size(n: int, device: torch.device) -> int:
     return max(1, n if device.type != "cpu" or n <= _CHUNK else _CHUNK)
 
 
-def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor) -> None:
-    """Fill ``slope`` (right derivative) and, if given, ``y`` = Y(w) for one flat chunk."""
-    q0, slope_edges, nearest, window_start, lookup = plan
+def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor,
+           tmp: tuple[Tensor, Tensor] | None = None) -> None:
+    """Fill ``slope`` (right derivative) and, if given, ``y`` = Y(w) for one flat chunk
+    (``tmp``: two scratch buffers like ``w``, needed with ``y``)."""
+    _q0, slope_edges, _nearest, _window_start, lookup, ratio = plan
     slope.fill_(-2.0)
     for v, jump in slope_edges:
         torch.ge(w, v, out=mask)
         slope.add_(mask, alpha=jump)
     if y is not None:
-        y.fill_(q0)
-        for mid, gap in nearest:
-            torch.ge(w, mid, out=mask)
-            y.add_(mask, alpha=gap)
-        y.sub_(w).abs_()
-        mag = slope.abs()
-        for r in window_start:
-            torch.eq(w, r, out=mask)
-            mag.add_(mask, alpha=2.0)
-        y.mul_(mag)
+        # Y in the reference's operations and order: range term below q_0, each interval's
+        # triangle (zeroed above its window edge), range term above q_n
+        q0, qn, triangles = ratio
+        t1, t2 = tmp
+        torch.sub(w, q0, out=y).mul_(-2.0).clamp_(min=0.0)
+        for lo, hi, d_lo, d_hi, gap, edge in triangles:
+            torch.sub(w, lo, out=t1).div_(d_lo)
+            torch.sub(w, hi, out=t2).div_(d_hi)
+            torch.minimum(t1, t2, out=t1).mul_(gap).clamp_(min=0.0)
+            torch.le(t1, edge, out=mask)  # the unconstrained window: values above d * ucs -> 0
+            y.add_(t1.mul_(mask))
+        torch.sub(w, qn, out=t1).mul_(2.0).clamp_(min=0.0)
+        y.add_(t1)
     if lookup is not None:  # rounded reference slopes: region index -> slope value
         edges, table = lookup
         region = torch.zeros(w.shape, dtype=torch.long, device=w.device)
@@ -103,41 +118,43 @@ def _evaluate(
     want_grad: bool,
     want_sum: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Return (Y, dY/dw * lam-or-1, sum(lam * Y)) for a weight tensor; each only if wanted."""
+    """Return (Y, dY/dw * lam-or-1, sum(lam * Y)) for a weight tensor; each only if wanted.
+
+    The sum is ``(lam * Y).sum()`` (or ``Y.sum()``) over the whole tensor in the weight's
+    dtype, the reference's reduction on the same device."""
     plan = _plan(mode, scale, ucs, w.dtype)
     wf = w.detach().reshape(-1)
     lf = lam.detach().reshape(-1) if lam is not None else None
     n = wf.numel()
-    y_out = torch.empty_like(wf) if want_y else None
+    need_y = want_y or want_sum
+    y_out = torch.empty_like(wf) if need_y else None
     g_out = torch.empty_like(wf) if want_grad else None
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
     step = _chunk_size(n, w.device)
     size = min(step, n)
     slope = torch.empty(size, dtype=w.dtype, device=w.device)
-    ybuf = torch.empty(size, dtype=w.dtype, device=w.device) if (want_y or want_sum) else None
     # comparisons write 0/1 into a float buffer: far faster on CPU than bool masks + promotion
     mask = torch.empty(size, dtype=w.dtype, device=w.device)
+    tmp = (torch.empty(size, dtype=w.dtype, device=w.device),
+           torch.empty(size, dtype=w.dtype, device=w.device)) if need_y else None
     for i in range(0, n, step):
         wc = wf[i : i + step]
         k = wc.numel()
-        yc = ybuf[:k] if ybuf is not None else None
         sc = slope[:k]
-        _piece(wc, plan, yc, sc, mask[:k])
-        lc = lf[i : i + k] if lf is not None else None
-        if want_y:
-            y_out[i : i + k].copy_(yc)
-        if want_sum:
-            total += torch.dot(lc, yc) if lc is not None else yc.sum(dtype=torch.float64)
+        _piece(wc, plan, y_out[i : i + k] if need_y else None, sc, mask[:k],
+               (tmp[0][:k], tmp[1][:k]) if need_y else None)
         if want_grad:
-            if lc is not None:
-                torch.mul(sc, lc, out=g_out[i : i + k])
+            if lf is not None:
+                torch.mul(sc, lf[i : i + k], out=g_out[i : i + k])
             else:
                 g_out[i : i + k].copy_(sc)
+    total = None
+    if want_sum:
+        total = (lf * y_out).sum() if lf is not None else y_out.sum()
     shape = w.shape
     return (
-        y_out.view(shape) if y_out is not None else None,
+        y_out.view(shape) if want_y else None,
         g_out.view(shape) if g_out is not None else None,
-        total if want_sum else None,
+        total,
     )
 
 
@@ -162,7 +179,7 @@ class _Lagrangian(torch.autograd.Function):
         need_w, need_l = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         y, g, total = _evaluate(weight, lam, mode, scale, ucs, need_l, need_w, True)
         ctx.save_for_backward(g, y)
-        return total.to(weight.dtype)
+        return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -191,11 +208,12 @@ def lagrangian(
     return _Lagrangian.apply(weight, lam, mode, _scalar(scale), float(ucs))
 
 
-def constraint_sum(weight: Tensor, scale: Tensor | float, mode: str, ucs: float = 1.0) -> float:
-    """sum(Y(weight; ucs)) as a Python float (used for CFS); no autograd."""
+def constraint_sum(weight: Tensor, scale: Tensor | float, mode: str, ucs: float = 1.0) -> Tensor:
+    """sum(Y(weight; ucs)) as a 0-dim tensor in the weight's dtype (used for CFS); no
+    autograd."""
     with torch.no_grad():
         _, _, total = _evaluate(weight, None, mode, _scalar(scale), float(ucs), False, False, True)
-    return float(total)
+    return total
 
 
 class _Quantize(torch.autograd.Function):

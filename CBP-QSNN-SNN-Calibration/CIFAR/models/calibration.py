@@ -29,6 +29,11 @@ def bias_corr_model(model: SpikeModel, train_loader, correct_mempot: bool = Fals
             emp_bias_corr(model, module, inputs, correct_mempot, dist_avg, verbose)
 
 
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all but the channel axis, as ``x.mean(3).mean(2).mean(0)`` for (N, C, H, W)."""
+    return x.mean(3).mean(2).mean(0) if x.dim() == 4 else x.mean(0)
+
+
 def emp_bias_corr(model: SpikeModel, module: SpikeModule, train_data: torch.Tensor,
                   correct_mempot: bool = False, dist_avg: bool = False, verbose: bool = True
                   ) -> None:
@@ -39,8 +44,10 @@ def emp_bias_corr(model: SpikeModel, module: SpikeModule, train_data: torch.Tens
     get_out.data_saver.reset()
     snn_out = get_out(train_data)[1] / model.T
     if not correct_mempot:
-        dims = (0, 2, 3) if org_out.dim() == 4 else (0,)
-        delta = (snn_out.mean(dims) - org_out.mean(dims)).detach()
+        # per-channel means reduced axis by axis (W, H, then batch), in the reference's order:
+        # a one-call mean((0, 2, 3)) differs in the last bit, which can flip a spike in the
+        # next layer and, through the layer-by-layer correction, the whole network
+        delta = (channel_mean(snn_out) - channel_mean(org_out)).detach()
         if dist_avg:
             allaverage(delta)
         if module.bias is None:

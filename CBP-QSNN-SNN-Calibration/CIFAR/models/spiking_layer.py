@@ -229,7 +229,7 @@ def find_threshold_mse(tensor: torch.Tensor, T: int = 8, channel_wise: bool = Tr
         scores.append(lp_loss(tensor, clip_floor(tensor, T, v), p=2.0, reduction="other"))
     scores_t = torch.stack(scores)
     scores_t = torch.nan_to_num(scores_t, nan=float("inf"))
-    if not torch.isfinite(scores_t).any():  # all-zero layer: keep threshold 0 like the reference
+    if not (scores_t < 1e5).any():  # the reference's scan starts at 1e5 and then keeps 0
         return max_act * 0
     i = int(torch.argmin(scores_t))  # first minimum, as the strict '<' scan
     return max_act * (1.0 - i * 0.01)
