@@ -147,9 +147,15 @@ def _evaluate(
                 torch.mul(sc, lf[i : i + k], out=g_out[i : i + k])
             else:
                 g_out[i : i + k].copy_(sc)
+        if want_sum and lf is not None and not want_y:
+            y_out[i : i + k].mul_(lf[i : i + k])  # lam * Y in place, while the chunk is cached
     total = None
     if want_sum:
-        total = (lf * y_out).sum() if lf is not None else y_out.sum()
+        # one reduction over the whole tensor: the same order as the reference's (lam*Y).sum()
+        if lf is None or not want_y:
+            total = y_out.sum()
+        else:
+            total = (lf * y_out).sum()
     shape = w.shape
     return (
         y_out.view(shape) if want_y else None,
