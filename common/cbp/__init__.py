@@ -1,7 +1,8 @@
 """Constrained backpropagation (CBP) for quantized spiking networks.
 
 Public API: ``levels``, ``quantize``, ``constraint``, the quantized layers ``QConv2d`` /
-``QLinear`` / ``QConv3d``, the ``CBP`` controller, packed export and checkpoint helpers.
+``QLinear`` / ``QConv3d``, ``convert`` (quantize any model's conv / linear layers in place),
+the ``CBP`` controller, packed export and checkpoint helpers.
 """
 
 from .controller import (
@@ -15,12 +16,14 @@ from .controller import (
     targets_of,
     ucs_of,
 )
+from .convert import ConvertError, convert, eligible_layers
 from .functional import constraint, constraint_sum, lagrangian, quantize, quantize_codes
 from .levels import MODES, LevelSet, bits, check_mode, levels
 from .nn import QConv2d, QConv3d, QLinear, QuantMixin, quantized_modules
 
 __all__ = [
     "CBP",
+    "ConvertError",
     "EpochDecision",
     "LevelSet",
     "MODES",
@@ -35,6 +38,8 @@ __all__ = [
     "clip_gradients",
     "constraint",
     "constraint_sum",
+    "convert",
+    "eligible_layers",
     "lagrangian",
     "levels",
     "next_g",
