@@ -4,7 +4,7 @@ Runs the real CBP-QSNN-STBP scripts (as a user would, working directory = --out)
 width on scikit-learn's bundled digits, then prints a table of test accuracy, CFS and weight
 memory, and writes a plot of test accuracy and CFS per epoch.
 
-    python demo.py                 # under 4 minutes on a 2-core CPU
+    python demo.py                 # about 7 minutes on a 2-core CPU
     python demo.py --modes bin ter --cbp_epochs 5
 """
 

@@ -556,33 +556,17 @@ def test_bias_correction_reduces_axis_by_axis_like_the_reference():
     assert torch.equal(calibration.channel_mean(x[:, :, 0, 0]), x[:, :, 0, 0].mean(0))
 
     # bias correction of one layer: b <- b - (mean_c(snn / T) - mean_c(ann)), exactly
-    T = 4
-    _, snn = random_snn(T, seed=5)
-    xin = torch.rand(8, 3, 32, 32)
-    get_maximum_activation([(xin, None)], snn, iters=0, mse=False, sim_length=T)
-    name, m = snn.spike_modules()[1]
-    b0 = m.bias.detach().clone()
-    get = GetLayerInputOutput(snn, m)
-    snn.set_spike_state(False)
-    org = get(xin)[1]
-    snn.set_spike_state(True)
-    get.data_saver.reset()
-    snn_out = get(xin)[1] / T
-    calibration.emp_bias_corr(snn, m, xin, verbose=False)
+    m, b0, org, snn_out = bias_corrected_layer(torch.rand(8, 3, 32, 32))
     want = b0 - (snn_out.mean(3).mean(2).mean(0) - org.mean(3).mean(2).mean(0))
     assert torch.equal(m.bias.detach(), want)
 
 
-def test_reduction_order_flips_a_spike():
-    """Why the order matters: on this layer the one-call mean gives a bias 1 ulp off in some
-    channel, and a current that reaches the threshold with the reference's bias stays below
-    it with the other (the layer-by-layer correction then carries that spike onward)."""
+def bias_corrected_layer(xin, T: int = 4):
+    """Bias-correct the second layer of a small VGG16 SNN on ``xin``: (layer, bias before,
+    ANN output, SNN output / T) as the correction saw them."""
     from CIFAR.models import calibration
-    from CIFAR.models.spiking_layer import heaviside_spike, integrate_and_fire
 
-    T = 4
     _, snn = random_snn(T, seed=5)
-    xin = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     get_maximum_activation([(xin, None)], snn, iters=0, mse=False, sim_length=T)
     _, m = snn.spike_modules()[1]
     b0 = m.bias.detach().clone()
@@ -593,6 +577,18 @@ def test_reduction_order_flips_a_spike():
     get.data_saver.reset()
     snn_out = get(xin)[1] / T
     calibration.emp_bias_corr(snn, m, xin, verbose=False)
+    return m, b0, org, snn_out
+
+
+def test_reduction_order_flips_a_spike():
+    """Why the order matters: on this layer the one-call mean gives a bias 1 ulp off in some
+    channel, and a current that reaches the threshold with the reference's bias stays below
+    it with the other (the layer-by-layer correction then carries that spike onward)."""
+    from CIFAR.models.spiking_layer import heaviside_spike, integrate_and_fire
+
+    T = 4
+    xin = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    m, b0, org, snn_out = bias_corrected_layer(xin, T)
     b_ref = m.bias.detach()
     b_alt = b0 - (snn_out.mean((0, 2, 3)) - org.mean((0, 2, 3)))
     differ = (b_ref != b_alt).nonzero().flatten()
