@@ -55,6 +55,9 @@ class Pipeline:
     evaluate: object  # (mode, seed, cwd) -> [script, *args]
     seeded: object  # (args, seed) -> args with the seed set
     fp32_from_cbp: bool = False  # the fp32 accuracy is printed by the CBP run (calibration)
+    # the CBP runs of one seed share an output file (calibration: the calibrated SNN), which
+    # one run at a time may write: run them one after another
+    serial_cbp: bool = False
     acc_scale: float = 1.0  # 100 where the evaluation prints accuracy as a fraction
     seeds: tuple[int, ...] = (0,)
     notes: list[str] = field(default_factory=list)
@@ -113,7 +116,8 @@ def pipelines() -> dict[str, Pipeline]:
             ["main_train_ann.py", *cal_net, "--epochs", "10", "--no_progress"],
             re.compile(r"conversion end!! \(ANN [0-9.]+%, SNN ([0-9.]+)%\)"),
             lambda m, s: ["main_calibration_quantize_cbp.py", *cal_cbp, "--quant", m],
-            cal_eval, _seed_flag("--seed"), fp32_from_cbp=True, acc_scale=100.0),
+            cal_eval, _seed_flag("--seed"), fp32_from_cbp=True, acc_scale=100.0,
+            serial_cbp=True),
     }
 
 
@@ -207,8 +211,13 @@ def replicate(names: list[str], seeds: tuple[int, ...] | None, out: str, jobs: i
         p = table[n]
         for s in (seeds or p.seeds):
             fp32[(n, s)] = runner.fp32_job(p, s)
-    cbp = {(n, s, m): runner.cbp_job(table[n], s, m, fp32[(n, s)])
-           for (n, s) in fp32 for m in modes}
+    cbp: dict = {}
+    for (n, s) in fp32:
+        after = fp32[(n, s)]
+        for m in modes:
+            cbp[(n, s, m)] = runner.cbp_job(table[n], s, m, after)
+            if table[n].serial_cbp:
+                after = cbp[(n, s, m)]  # FIFO queue: the one waited on has already started
     results: dict = {}
     failures = []
     for key, fut in list(fp32.items()) + list(cbp.items()):

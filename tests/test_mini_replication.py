@@ -31,24 +31,47 @@ elif mode == 'fp32':
 else:
     if not pathlib.Path('order.txt').read_text().startswith('fp32'):
         sys.exit('fp32 did not run first')
+    busy = pathlib.Path('busy')
+    if '--serial' in args:
+        if busy.exists():
+            sys.exit('two CBP runs at once')
+        busy.write_text(mode)
+        time.sleep(0.3)
     if mode == '2bit' and '--fail' in args:
         print('error: boom', file=sys.stderr)
         sys.exit(1)
+    busy.unlink(missing_ok=True)
     print('trained', mode)
 """
 
 
-def fake_pipeline(tmp_path: Path, fail: bool = False) -> mr.Pipeline:
+def fake_pipeline(tmp_path: Path, fail: bool = False, serial: bool = False) -> mr.Pipeline:
     script_dir = tmp_path / "scripts"
     script_dir.mkdir(exist_ok=True)
     (script_dir / "fake.py").write_text(FAKE)
-    extra = ["--fail"] if fail else []
+    extra = (["--fail"] if fail else []) + (["--serial"] if serial else [])
     return mr.Pipeline(
         "STBP", str(script_dir), "fake net", 4, "1 / 1", ["fake.py", "--mode", "train"],
         re.compile(r"Best Test Accuracy : ([0-9.]+)"),
         lambda m, s: ["fake.py", "--mode", "train", "--quant", m, *extra],
         lambda m, s, cwd: ["fake.py", "--mode", "eval", "--quant", m],
-        mr._seed_flag("--seed"), seeds=(0, 1))
+        mr._seed_flag("--seed"), seeds=(0, 1), serial_cbp=serial)
+
+
+def test_serial_pipelines_run_one_cbp_job_at_a_time(tmp_path, monkeypatch):
+    """Calibration's CBP runs share the calibrated-SNN file, which the run lock lets only one
+    run write: they must not overlap (the fake exits 1 if they do)."""
+    monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake_pipeline(tmp_path, serial=True)})
+    res = mr.replicate(["STBP"], (0,), str(tmp_path / "out"), jobs=2, force=False)
+    assert all(res["STBP"][0][m] is not None for m in mr.MODES)
+
+
+def test_calibration_is_serial():
+    import importlib
+
+    table = importlib.reload(mr).pipelines()
+    assert table["SNN-Calibration"].serial_cbp
+    assert not any(p.serial_cbp for name, p in table.items() if name != "SNN-Calibration")
 
 
 def test_runner_orders_jobs_reuses_results_and_reports(tmp_path, monkeypatch, capsys):
