@@ -338,9 +338,9 @@ def test_double_backward_raises(fake, backend):
 def test_unknown_backend_is_an_error_in_the_pipeline(tmp_path):
     """A mistyped TSSLBP_BACKEND stops the script with one line before any work."""
     env = dict(os.environ, TSSLBP_BACKEND="cuppy", CBP_NO_PROGRESS="1")
-    res = subprocess.run([sys.executable, "main_train_fp32.py", "-config",
-                          "Networks/DIGITS_bin.yaml", "-device", "cpu"], cwd=TSSL_DIR,
-                         env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, str(TSSL_DIR / "main_train_fp32.py"), "-config",
+                          str(TSSL_DIR / "Networks" / "DIGITS_bin.yaml"), "-device", "cpu"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [
         "error: TSSLBP_BACKEND='cuppy' is not a TSSL-BP backend; choose one of auto, torch, cupy"]

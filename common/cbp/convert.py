@@ -16,32 +16,17 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from .levels import check_mode
-from .nn import QuantMixin
+from .nn import QuantConvMixin, QuantLinearMixin, QuantMixin
 
 ELIGIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 
 class ConvertError(ValueError):
-    """The model cannot be converted as asked (printed as one line by the scripts)."""
-
-
-class _SwappedConv(QuantMixin):
-    """Quantized weight for every convolution that goes through ``_conv_forward``."""
-
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if weight is self.weight:
-            weight = self.quantized_weight()
-        return super()._conv_forward(input, weight, bias)
-
-
-class _SwappedLinear(QuantMixin):
-    def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.quantized_weight(), self.bias)
+    """The model cannot be converted as asked (nothing to quantize, a tied weight, ...)."""
 
 
 _CLASSES: dict[type, type] = {}
@@ -54,9 +39,9 @@ def _quantized_class(cls: type) -> type:
             if cls.forward is not nn.Linear.forward:
                 raise ConvertError(f"{cls.__name__} has its own forward; only layers that use "
                                    "nn.Linear's forward can be quantized")
-            mixin = _SwappedLinear
+            mixin = QuantLinearMixin
         else:
-            mixin = _SwappedConv
+            mixin = QuantConvMixin
         key = f"Q_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
         new = type(f"Q{cls.__name__}", (mixin, cls), {"__module__": __name__})
         new.__qualname__ = key

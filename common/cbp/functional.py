@@ -29,47 +29,37 @@ def _scalar(x: Tensor | float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(mode: str, scale: float, ucs: float, dtype: torch.dtype) -> tuple:
-    """Edges of the piecewise-linear constraint, computed in ``dtype`` like the reference."""
+    """Constants of the piecewise-linear constraint, computed in ``dtype`` like the reference:
+    (slope edges, slope lookup or None, (q_0, q_n, triangles))."""
     if not 0.0 <= ucs <= 1.0:
         raise ValueError(f"ucs must lie in [0, 1], got {ucs}")
     ls = LevelSet.of(mode)
     s = torch.tensor([scale], dtype=dtype)
     q = [(lv * s) for lv in ls.levels]
     slope_edges = [(float(v), 4.0) for v in q]  # slope jumps -2 -> +2 at every level
-    nearest = []  # (midpoint, gap): nearest level = q_0 + sum gap * [w >= mid]
-    window_start = []  # r_lo points whose forward value is kept (reference keeps Y == d*ucs)
     # Slope of each region between consecutive sorted edges, as the reference evaluates it:
     # (hi - lo) / (mid - lo) and (hi - lo) / (mid - hi) in ``dtype`` (exactly +-2 unless a
     # shift-mode midpoint times the scale rounds).
     table = [-2.0]
+    order = [float(q[0])]  # sorted edges: q0, (r_lo0, r_hi0, q1), (r_lo1, r_hi1, q2), ...
+    # The forward value as the reference computes it: per interval max(0, min((w - lo) /
+    # (mid - lo), (w - hi) / (mid - hi)) * (hi - lo)), set to 0 above (hi - lo) * ucs; every
+    # constant is exactly a ``dtype`` value.
+    triangles = []
     for i in range(len(ls.gaps)):
         lo, hi = q[i], q[i + 1]
         mid = ls.mids[i] * s
         r_lo = lo + (mid - lo) * ucs
         r_hi = hi + (mid - hi) * ucs
         slope_edges += [(float(r_lo), -2.0), (float(r_hi), -2.0)]
-        nearest.append((float(mid), float(hi - lo)))
-        if float(r_lo) < float(r_hi) and float(r_lo) > float(lo):
-            window_start.append(float(r_lo))
         table += [float((hi - lo) / (mid - lo)), 0.0, float((hi - lo) / (mid - hi))]
-    table.append(2.0)
-    # sorted edge order: q0, (r_lo0, r_hi0, q1), (r_lo1, r_hi1, q2), ...
-    order = [slope_edges[0][0]]
-    for i in range(len(ls.gaps)):
-        order += [slope_edges[len(q) + 2 * i][0], slope_edges[len(q) + 2 * i + 1][0], float(q[i + 1])]
-    exact = all(abs(v) in (0.0, 2.0) for v in table)
-    lookup = None if exact else (tuple(order), tuple(table))
-    # the forward value as the reference computes it, in ``dtype``: per interval
-    # max(0, min((w - lo) / (mid - lo), (w - hi) / (mid - hi)) * (hi - lo)), set to 0 above
-    # (hi - lo) * ucs; every constant below is exactly a ``dtype`` value
-    triangles = []
-    for i in range(len(ls.gaps)):
-        lo, hi = q[i], q[i + 1]
-        mid = ls.mids[i] * s
+        order += [float(r_lo), float(r_hi), float(hi)]
         triangles.append((float(lo), float(hi), float(mid - lo), float(mid - hi), float(hi - lo),
                           float((hi - lo) * ucs)))
-    ratio = (float(q[0]), float(q[-1]), tuple(triangles))
-    return float(q[0]), tuple(slope_edges), tuple(nearest), tuple(window_start), lookup, ratio
+    table.append(2.0)
+    exact = all(abs(v) in (0.0, 2.0) for v in table)
+    lookup = None if exact else (tuple(order), tuple(table))
+    return tuple(slope_edges), lookup, (float(q[0]), float(q[-1]), tuple(triangles))
 
 
 def _chunk_size(n: int, device: torch.device) -> int:
@@ -77,15 +67,16 @@ def _chunk_size(n: int, device: torch.device) -> int:
     return max(1, n if device.type != "cpu" or n <= _CHUNK else _CHUNK)
 
 
-def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor,
+def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor | None, mask: Tensor,
            tmp: tuple[Tensor, Tensor] | None = None) -> None:
-    """Fill ``slope`` (right derivative) and, if given, ``y`` = Y(w) for one flat chunk
+    """Fill, where given, ``slope`` (right derivative) and ``y`` = Y(w) for one flat chunk
     (``tmp``: two scratch buffers like ``w``, needed with ``y``)."""
-    _q0, slope_edges, _nearest, _window_start, lookup, ratio = plan
-    slope.fill_(-2.0)
-    for v, jump in slope_edges:
-        torch.ge(w, v, out=mask)
-        slope.add_(mask, alpha=jump)
+    slope_edges, lookup, ratio = plan
+    if slope is not None:
+        slope.fill_(-2.0)
+        for v, jump in slope_edges:
+            torch.ge(w, v, out=mask)
+            slope.add_(mask, alpha=jump)
     if y is not None:
         # Y in the reference's operations and order: range term below q_0, each interval's
         # triangle (zeroed above its window edge), range term above q_n
@@ -100,7 +91,7 @@ def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor, mask: Tensor
             y.add_(t1.mul_(mask))
         torch.sub(w, qn, out=t1).mul_(2.0).clamp_(min=0.0)
         y.add_(t1)
-    if lookup is not None:  # rounded reference slopes: region index -> slope value
+    if slope is not None and lookup is not None:  # rounded reference slopes, by region
         edges, table = lookup
         region = torch.zeros(w.shape, dtype=torch.long, device=w.device)
         for v in edges:
@@ -131,7 +122,7 @@ def _evaluate(
     g_out = torch.empty_like(wf) if want_grad else None
     step = _chunk_size(n, w.device)
     size = min(step, n)
-    slope = torch.empty(size, dtype=w.dtype, device=w.device)
+    slope = torch.empty(size, dtype=w.dtype, device=w.device) if want_grad else None
     # comparisons write 0/1 into a float buffer: far faster on CPU than bool masks + promotion
     mask = torch.empty(size, dtype=w.dtype, device=w.device)
     tmp = (torch.empty(size, dtype=w.dtype, device=w.device),
@@ -139,7 +130,7 @@ def _evaluate(
     for i in range(0, n, step):
         wc = wf[i : i + step]
         k = wc.numel()
-        sc = slope[:k]
+        sc = slope[:k] if want_grad else None
         _piece(wc, plan, y_out[i : i + k] if need_y else None, sc, mask[:k],
                (tmp[0][:k], tmp[1][:k]) if need_y else None)
         if want_grad:

@@ -66,8 +66,25 @@ class QuantMixin:
         return super().extra_repr() + f", mode={self.mode}"
 
 
-class _QConvMixin(QuantMixin):
-    """Constructor and forward shared by the quantized convolutions."""
+class QuantConvMixin(QuantMixin):
+    """Quantized weight for any convolution whose forward goes through ``_conv_forward``
+    (``nn.Conv1d/2d/3d`` and subclasses such as spikingjelly's ``layer.Conv2d``)."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if weight is self.weight:
+            weight = self.quantized_weight()
+        return super()._conv_forward(input, weight, bias)
+
+
+class QuantLinearMixin(QuantMixin):
+    """Quantized weight for ``nn.Linear`` (and subclasses that keep its forward)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.quantized_weight(), self.bias)
+
+
+class _QConvInit:
+    """The quantized convolutions' constructor: the conv's arguments plus ``mode``."""
 
     def __init__(
         self,
@@ -88,19 +105,16 @@ class _QConvMixin(QuantMixin):
         )
         self._init_quant(mode)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.quantized_weight(), self.bias)
 
-
-class QConv2d(_QConvMixin, nn.Conv2d):
+class QConv2d(_QConvInit, QuantConvMixin, nn.Conv2d):
     """Conv2d with quantized weights (``mode`` in bin, ter, 1bit, 2bit)."""
 
 
-class QConv3d(_QConvMixin, nn.Conv3d):
+class QConv3d(_QConvInit, QuantConvMixin, nn.Conv3d):
     """Conv3d with quantized weights (TSSL-BP uses (k, k, 1) kernels)."""
 
 
-class QLinear(QuantMixin, nn.Linear):
+class QLinear(QuantLinearMixin, nn.Linear):
     """Linear with quantized weights."""
 
     def __init__(
@@ -108,9 +122,6 @@ class QLinear(QuantMixin, nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
         self._init_quant(mode)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.quantized_weight(), self.bias)
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
