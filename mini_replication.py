@@ -31,7 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from reproduce import ACC, CFS, MBIT, device_args
+from reproduce import METRICS, device_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODES = ("bin", "ter", "1bit", "2bit")
@@ -187,7 +187,7 @@ class Runner:
                 hits = p.fp32_acc.findall(text)
                 r["fp32_acc"] = float(hits[-1]) if hits else None
             ev = self.run(p, cwd, p.seeded(p.evaluate(mode, seed, cwd), seed), f"{mode}.log")
-            for key, rx in (("acc", ACC), ("cfs", CFS), ("mbit", MBIT)):
+            for key, rx in METRICS:
                 hits = rx.findall(ev)
                 r[key] = float(hits[-1]) if hits else None
             if r["acc"] is not None:
@@ -259,26 +259,43 @@ def _cell(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
+def _per_mode(per_seed: dict, key: str, fmt: str, scale: float = 1.0,
+              first: bool = False) -> list[str]:
+    """One cell part per mode: the value of ``key`` (the first seed's, or the mean)."""
+    out = []
+    for m in MODES:
+        vals = [r[m][key] * scale for r in per_seed.values()
+                if r.get(m) and r[m].get(key) is not None]
+        if not vals:
+            out.append("—")
+        else:
+            out.append(fmt.format(vals[0] if first else statistics.mean(vals)))
+    return out
+
+
 def markdown(results: dict, seconds: float, jobs: int) -> str:
     table = pipelines()
     lines = [
         "| pipeline | network | T | epochs (fp32 / CBP) | seeds | fp32 | bin | ter | 1bit | 2bit "
-        "| weight memory bin / ter / 1bit / 2bit (Mbit) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| weight memory bin / ter / 1bit / 2bit (Mbit) "
+        "| SynOps/sample bin / ter / 1bit / 2bit (M) | energy/sample bin / ter / 1bit / 2bit (µJ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, per_seed in results.items():
         p = table[n]
         cells = [_cell(_accs(per_seed, label)) for label in ("fp32", *MODES)]
-        mbit = []
-        for m in MODES:
-            vals = [r[m]["mbit"] for r in per_seed.values() if r.get(m) and r[m].get("mbit")]
-            mbit.append(f"{vals[0]:.4f}" if vals else "—")
+        mbit = " / ".join(_per_mode(per_seed, "mbit", "{:.4f}", first=True))
+        synops = " / ".join(_per_mode(per_seed, "synops", "{:.3g}", scale=1e-6))
+        energy = " / ".join(_per_mode(per_seed, "energy", "{:.3g}"))
         lines.append(f"| {n} | {p.network} | {p.T} | {p.epochs} | {len(per_seed)} | "
-                     + " | ".join(cells) + f" | {' / '.join(mbit)} |")
+                     + " | ".join(cells) + f" | {mbit} | {synops} | {energy} |")
     lines.append("")
     lines.append(f"Best test accuracy (%) on the 360 DIGITS test images; mean ± sample standard "
                  f"deviation over seeds where there are several. {seconds / 60:.1f} min in all "
-                 f"({jobs} jobs at a time).")
+                 f"({jobs} jobs at a time).  SynOps (accumulates driven by spikes) and the "
+                 f"energy estimate (0.9 pJ per accumulate, 4.6 pJ per multiply-accumulate of "
+                 f"an analog input; 45 nm) are per test sample, from each quantized network's "
+                 f"evaluation (mean over seeds).")
     return "\n".join(lines) + "\n"
 
 

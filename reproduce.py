@@ -175,6 +175,9 @@ def digits_rows(epochs: int) -> list[Row]:
 ACC = re.compile(r"(?:Test Accuracy:\s*|Acc@1 = |test_acc=)\s*([0-9]+(?:\.[0-9]+)?)")
 CFS = re.compile(r"(?:CFS:|cfs =)\s*([0-9.eE+-]+)")
 MBIT = re.compile(r"weight memory:?\s*([0-9.]+)\s*Mbit")
+SYNOPS = re.compile(r"SynOps/sample:\s*([0-9.eE+-]+)")
+ENERGY = re.compile(r"energy/sample:\s*([0-9.eE+-]+)\s*uJ")
+METRICS = (("acc", ACC), ("cfs", CFS), ("mbit", MBIT), ("synops", SYNOPS), ("energy", ENERGY))
 
 
 def present(path: str) -> bool:
@@ -236,25 +239,35 @@ def evaluate(row: Row, root: str, train: bool, cuda: bool, log) -> dict:
         return {"status": f"evaluation failed: {last}"}
     text = proc.stdout
     res = {"status": "evaluated"}
-    for key, rx in (("acc", ACC), ("cfs", CFS), ("mbit", MBIT)):
+    for key, rx in METRICS:
         hits = rx.findall(text)
         res[key] = hits[-1] if hits else "?"
     return res
 
 
+def _mega(value: str) -> str:
+    try:
+        return f"{float(value) / 1e6:.4g}"
+    except ValueError:
+        return value
+
+
 HEADER = ("| pipeline | network | dataset | T | weights | ours acc (%) | published acc (%) "
-          "| ours weight memory (Mbit) | published (Mbit) | CFS | status |")
+          "| ours weight memory (Mbit) | published (Mbit) | CFS | SynOps/sample (M) "
+          "| energy/sample (µJ) | status |")
 
 
 def table(results: list[tuple[Row, dict]]) -> str:
-    lines = [HEADER, "|" + "---|" * 11]
+    lines = [HEADER, "|" + "---|" * 13]
     for row, res in results:
         ok = res["status"] == "evaluated"
         lines.append(
             f"| {row.pipeline} | {row.network} | {row.dataset} | {row.T} | {row.quant} "
             f"| {res.get('acc', '—') if ok else '—'} | {row.published_acc} "
             f"| {res.get('mbit', '—') if ok else '—'} | {row.published_mbit} "
-            f"| {res.get('cfs', '—') if ok else '—'} | {res['status']} |"
+            f"| {res.get('cfs', '—') if ok else '—'} "
+            f"| {_mega(res.get('synops', '—')) if ok else '—'} "
+            f"| {res.get('energy', '—') if ok else '—'} | {res['status']} |"
         )
     return "\n".join(lines) + "\n"
 

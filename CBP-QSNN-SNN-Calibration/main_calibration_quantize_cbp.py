@@ -286,6 +286,7 @@ def evaluate(args, device, show) -> None:
     """Test accuracy, CFS and weight memory of a saved CBP checkpoint."""
     from cbp import cfs as model_cfs
     from cbp.checkpoint import load_into
+    from cbp.metrics import profiled
 
     if not os.path.isfile(args.evaluate):
         raise UserError(f"checkpoint {args.evaluate} not found")
@@ -295,7 +296,10 @@ def evaluate(args, device, show) -> None:
     snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
     load_into(snn_q, state, nonfinite="warn")
     _, test_loader = E.loaders(args, device)
-    test_loss, test_acc = E.evaluate_ce(snn_q, test_loader, device, show)
+    # spike metrics: the IF layers emit spikes of amplitude theta (see cbp.metrics)
+    (test_loss, test_acc), _ = profiled(
+        snn_q, lambda: E.evaluate_ce(snn_q, test_loader, device, show),
+        neurons=snn_q.spike_types)
     print(f"test_loss={test_loss}, test_acc={test_acc}")
     print(f"CFS: {model_cfs(snn_q):.6g}  weight memory: {weight_memory_mbit(snn_q):.4f} Mbit")
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from cbp import data as cbp_data
 from cbp import distributed as D
 from cbp.data import CIFAR_MEAN, CIFAR_STD  # CIFAR-10's, used for CIFAR-100 too (reference)
+from cbp.metrics import profiled
 from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
     UserError,
@@ -21,6 +22,8 @@ from cbp.runtime import (  # noqa: F401 (used by the scripts)
     progress,
     require_file,
 )
+
+from functions import Spike
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
 
@@ -102,6 +105,12 @@ def test(model, loader, device, outs: int, show: bool = True) -> tuple[float, fl
         loss, batches, correct, total = D.sum_over_ranks([loss, batches, correct, total])
         loss /= max(batches, 1)
     return loss, 100.0 * correct / max(total, 1)
+
+
+def test_with_metrics(model, loader, device, outs: int, show: bool = True):
+    """``test`` under the spike profiler: prints the firing rate of every layer, SynOps, MACs
+    and the energy estimate.  Returns ``((test loss, accuracy %), SpikeReport)``."""
+    return profiled(model, lambda: test(model, loader, device, outs, show), neurons=[Spike])
 
 
 def pretrained_path(dataset: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class ActFun(torch.autograd.Function):
@@ -25,13 +25,22 @@ class ActFun(torch.autograd.Function):
 act_fun = ActFun.apply
 
 
-def mem_update(decay: float, thresh: float, lens: float, ops, x, mem, spike):
+class Spike(nn.Module):
+    """The firing step of one layer as a (parameterless) module, so that module hooks, such
+    as the spike metrics, see each layer's spikes.  ``Spike()(u, thresh, lens) == act_fun``."""
+
+    def forward(self, mem: Tensor, thresh: float, lens: float) -> Tensor:
+        return act_fun(mem, thresh, lens)
+
+
+def mem_update(decay: float, thresh: float, lens: float, ops, x, mem, spike, fire=act_fun):
     """One LIF step: u = decay * u_prev * (1 - s_prev) + ops(x); s = H(u - thresh).
 
     ``ops`` is a layer (called on ``x``) or an already computed input current.
-    ``mem``/``spike`` may be the float 0.0 at the first step.
+    ``mem``/``spike`` may be the float 0.0 at the first step; ``fire`` is ``act_fun`` or a
+    ``Spike`` module.
     """
     current = ops(x) if callable(ops) else ops
     mem = mem * decay * (1.0 - spike) + current
-    spike = act_fun(mem, thresh, lens)
+    spike = fire(mem, thresh, lens)
     return mem, spike

@@ -62,7 +62,7 @@ def evaluate(args, model, test_dl, device, outs) -> None:
     engine.require_file(path, "prequantized checkpoint",
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
     load_into(model, path, nonfinite="warn")
-    _, acc = engine.test(model, test_dl, device, outs, not args.no_progress)
+    (_, acc), _ = engine.test_with_metrics(model, test_dl, device, outs, not args.no_progress)
     print(f"Test Accuracy: {acc:.3f}")
     print(f"CFS: {model_cfs(model):.6g}  weight memory: {weight_memory_mbit(model):.4f} Mbit")
 

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
         engine.require_file(path, "pretrained fp32 checkpoint",
                             f"download it from {engine.DRIVE} or create it with: {engine.fp32_command(args)}")
         load_into(model, path, nonfinite="warn")
-        loss_test, acc = engine.test(model, test_dl, device, outs, show)
+        (loss_test, acc), _ = engine.test_with_metrics(model, test_dl, device, outs, show)
         print(f"Test Loss: {loss_test:.5f}.. ", f"Test Accuracy: {acc:.3f}")
         return
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from functions import mem_update
+from functions import Spike, mem_update
 
 # (attribute, out_channels at width 1, stride) of the convolutional stack
 CONV_SPEC = (
@@ -89,6 +89,8 @@ class Conv_SNN(nn.Module):  # noqa: N801 - reference name (checkpoint compatibil
             setattr(self, name, linear(name, fin, fout))
             fin = fout
         self.fc3 = nn.Linear(fin, self.outs)
+        # the firing step of each layer (no parameters: the state dict is unchanged)
+        self.spike = nn.ModuleDict({name: Spike() for name in LAYER_NAMES})
 
     def forward(self, input: Tensor) -> Tensor:
         d, th, ln = self.decay, self.thresh, self.lens
@@ -98,15 +100,18 @@ class Conv_SNN(nn.Module):  # noqa: N801 - reference name (checkpoint compatibil
         spikes = [0.0] * 10
         sumspike = None
         layers = [self.pool1, self.conv2, self.pool2, self.conv3, self.conv4, self.pool3]
+        fire = [self.spike[name] for name in LAYER_NAMES]
         for _ in range(self.T):
-            mems[0], spikes[0] = mem_update(d, th, ln, c1_in, None, mems[0], spikes[0])
+            mems[0], spikes[0] = mem_update(d, th, ln, c1_in, None, mems[0], spikes[0], fire[0])
             x = spikes[0]
             for i, layer in enumerate(layers, start=1):
-                mems[i], spikes[i] = mem_update(d, th, ln, layer, x, mems[i], spikes[i])
+                mems[i], spikes[i] = mem_update(d, th, ln, layer, x, mems[i], spikes[i],
+                                                fire[i])
                 x = spikes[i]
             x = x.reshape(n, -1)
             for i, layer in enumerate((self.fc1, self.fc2, self.fc3), start=7):
-                mems[i], spikes[i] = mem_update(d, th, ln, layer, x, mems[i], spikes[i])
+                mems[i], spikes[i] = mem_update(d, th, ln, layer, x, mems[i], spikes[i],
+                                                fire[i])
                 x = spikes[i]
             sumspike = x if sumspike is None else sumspike + x
         return sumspike / self.T

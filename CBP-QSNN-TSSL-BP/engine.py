@@ -10,10 +10,13 @@ import os
 import global_v as glv
 import torch
 from cnns import Network
+from layers.conv import ConvLayer
+from layers.linear import LinearLayer
+from layers.pooling import PoolLayer
 from network_parser import parse
 from torch.utils.data import DataLoader
 
-from cbp import MODES
+from cbp import MODES, metrics
 from cbp import data as cbp_data
 from cbp import distributed as D
 from cbp.data import CIFAR_MEAN, CIFAR_STD
@@ -268,6 +271,52 @@ def test(net: Network, loader: DataLoader, device: torch.device, show: bool = Tr
     if D.is_distributed():
         correct, total = D.sum_over_ranks([correct, total])
     return 100.0 * correct / max(total, 1)
+
+
+# ------------------------------------------------------------------ spike metrics
+
+
+def echo(log: logging.Logger):
+    """A line printer that also writes the line to ``log``."""
+    def out(line: str) -> None:
+        log.info(line)
+        print(line)
+    return out
+
+
+def _events(layer, x: torch.Tensor) -> torch.Tensor:
+    """The events behind a layer's input: PSP traces of spikes, pooled or not, turned back
+    into (amplitude x) spike counts; the first layer's analog input stays analog."""
+    return loss_f.psp_inverse(x, float(layer.network_config["tau_s"]))
+
+
+def _conv_ops(layer: ConvLayer, args, kwargs, out) -> tuple[int, int]:
+    return metrics.conv_ops(_events(layer, args[0]), layer.weight, layer.stride,
+                            layer.padding, layer.dilation, out=out)
+
+
+def _linear_ops(layer: LinearLayer, args, kwargs, out) -> tuple[int, int]:
+    e = _events(layer, args[0])
+    n, T = e.shape[0], e.shape[-1]
+    return metrics.linear_ops(e.reshape(n, -1, T).transpose(1, 2).reshape(n * T, -1),
+                              layer.weight)
+
+
+def _neuron_spikes(neuron: tsslbp.Neuron, args, kwargs, out) -> torch.Tensor:
+    return loss_f.psp_inverse(out, float(neuron.network_config["tau_s"]))
+
+
+def test_with_metrics(net: Network, loader: DataLoader, device: torch.device,
+                      show: bool = True, log=print) -> tuple[float, metrics.SpikeReport]:
+    """``test`` under the spike profiler; prints (with ``log``) the firing rate of every
+    layer, SynOps, MACs and the energy estimate.  A layer's synaptic events are the spikes
+    behind its PSP input (the convolution commutes with the PSP filter); pooling (fixed
+    weights, no neuron) is folded into the next layer and not counted."""
+    return metrics.profiled(
+        net, lambda: test(net, loader, device, show), log=log,
+        neurons={tsslbp.Neuron: _neuron_spikes},
+        layers={ConvLayer: _conv_ops, LinearLayer: _linear_ops}, ignore=[PoolLayer],
+        scope=torch.nn.ModuleDict({lay.name: lay for lay in net.layers}))
 
 
 # ------------------------------------------------------------------ files

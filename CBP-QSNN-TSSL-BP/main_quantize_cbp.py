@@ -83,7 +83,8 @@ def evaluate(args, params, net: Network, test_dl, device, dataset: str, log) -> 
     engine.load_weights(net, state, path)
     if scales:
         net.set_scales(scales)
-    acc = engine.test(net, test_dl, device, not args.no_progress)
+    acc, _ = engine.test_with_metrics(net, test_dl, device, not args.no_progress,
+                                      log=engine.echo(log))
     log.info("Test Accuracy: %.3f (%.3f).\n", acc, acc)
     print("Test Accuracy: ", acc)
     print(f"CFS: {cfs(net.quant_targets()):.6g}  weight memory: "

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         state = extract_state_dict(load_file(path))
         check_finite(state, path, "warn")
         engine.load_weights(net, state, path)
-        acc = engine.test(net, test_dl, device, show)
+        acc, _ = engine.test_with_metrics(net, test_dl, device, show, log=engine.echo(log))
         log.info("Test Accuracy: %.3f", acc)
         print("Test Accuracy: ", acc)
         return

@@ -182,6 +182,7 @@ def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     best = load(run_dir / f"{STEM}_ckpt.pth")
     code, out, err = inproc(CBPMAIN, CBP_ARGS + ["--evaluate", f"{STEM}_ckpt.pth"])
+    print(out)
     assert code == 0, err
     acc = float(out.split("test_acc=")[1].split()[0])
     assert acc == pytest.approx(best["max_test_acc"])  # the same network, the same test set

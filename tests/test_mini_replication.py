@@ -23,6 +23,9 @@ if 'eval' in args:
         f.write('eval ' + mode + chr(10))
     print('Test Accuracy:', {'bin': 90.0, 'ter': 91.5, '1bit': 92.0, '2bit': 93.0}[mode])
     print('CFS: 0.0123  weight memory: 0.5000 Mbit')
+    print('SynOps/sample: %d  MACs/sample: 10  energy/sample: %g uJ  (3 samples)'
+          % ({'bin': 2e6, 'ter': 3e6, '1bit': 4e6, '2bit': 5e6}[mode],
+             {'bin': 1.5, 'ter': 2.5, '1bit': 3.5, '2bit': 4.5}[mode]))
 elif mode == 'fp32':
     time.sleep(0.3)
     with open('order.txt', 'a') as f:
@@ -96,6 +99,7 @@ def test_runner_orders_jobs_reuses_results_and_reports(tmp_path, monkeypatch, ca
     assert row[4:10] == ["2", "95.50 ± 0.00", "90.00 ± 0.00", "91.50 ± 0.00", "92.00 ± 0.00",
                          "93.00 ± 0.00"]
     assert "0.5000 / 0.5000 / 0.5000 / 0.5000" in text and "1.0 min" in text
+    assert row[11:13] == ["2 / 3 / 4 / 5", "1.5 / 2.5 / 3.5 / 4.5 |"]  # SynOps (M), energy
 
 
 def test_failed_job_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
@@ -150,5 +154,6 @@ def test_tiny_sew_pipeline_end_to_end(tmp_path, monkeypatch):
     assert runs["bin"]["cfs"] > 0
     # 1 bit per quantized weight plus the fp32 first conv and output layer
     assert 0 < runs["bin"]["mbit"] < 0.01
+    assert runs["bin"]["synops"] > 0 and runs["bin"]["energy"] > 0
     assert os.path.isfile(tmp_path / "SEW-ResNet" / "seed0" / "trained_params"
                           / "SEW_ResNet_DIGITS_bin_cbp_prequantized.pth")

@@ -4,9 +4,12 @@ produces the table with the expected columns."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -14,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 import reproduce  # noqa: E402
 
 COLUMNS = ["pipeline", "network", "dataset", "T", "weights", "ours acc (%)", "published acc (%)",
-           "ours weight memory (Mbit)", "published (Mbit)", "CFS", "status"]
+           "ours weight memory (Mbit)", "published (Mbit)", "CFS", "SynOps/sample (M)",
+           "energy/sample (µJ)", "status"]
 
 
 def parse(table: str) -> list[dict]:
@@ -33,7 +37,7 @@ def test_no_data_reports_every_row_missing(tmp_path):
     assert len(rows) == len(reproduce.all_rows()) == 16
     for row in rows:
         assert row["status"].startswith("missing "), row
-        assert row["ours acc (%)"] == "—"
+        assert row["ours acc (%)"] == "—" and row["SynOps/sample (M)"] == "—"
     published = {(r["pipeline"], r["dataset"], r["weights"]): r["published acc (%)"] for r in rows}
     assert published["TSSL-BP", "CIFAR10", "bin"] == "89.99"
     assert published["SNN-Calibration", "CIFAR100", "bin"] == "66.53"
@@ -81,8 +85,15 @@ def test_digits_rows_are_evaluated(tmp_path):
     rows = parse(out.read_text())
     assert [(r["dataset"], r["weights"], r["status"]) for r in rows] == [
         ("DIGITS", "bin", "evaluated"), ("DIGITS", "ter", "evaluated")]
-    for r in rows:
+    log = (tmp_path / "l.txt").read_text()
+    synops = [float(v) for v in reproduce.SYNOPS.findall(log)]
+    energy = [float(v) for v in reproduce.ENERGY.findall(log)]
+    macs = [float(v) for v in re.findall(r"MACs/sample: ([0-9.e+]+)", log)]
+    for r, s, e, m in zip(rows, synops, energy, macs, strict=True):
         assert 0.0 <= float(r["ours acc (%)"]) <= 100.0
         assert float(r["CFS"]) >= 0.0
+        # the table shows the evaluation's SynOps in millions and its energy estimate
+        assert r["SynOps/sample (M)"] == f"{s / 1e6:.4g}" and float(r["energy/sample (µJ)"]) == e
+        assert e == pytest.approx((0.9 * s + 4.6 * m) * 1e-6, rel=1e-5)
     # bin layers cost 1 bit per weight, ter 2
     assert float(rows[0]["ours weight memory (Mbit)"]) < float(rows[1]["ours weight memory (Mbit)"])

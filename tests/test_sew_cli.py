@@ -182,7 +182,9 @@ def test_dvs128_fp32_cbp_test_only(dvs_pretrained, capsys):
     want = cbp.quantize(best["model"][f"{key}.weight"], best["model"][f"{key}.scale"], "ter")
     assert torch.equal(packed[f"{key}.weight"], want.detach())
     cli("DVS128Gesture", f"--output-dir ./logs {DVS} --test-only --quant ter", cwd)
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(" * Acc@1")][0]
+    out = capsys.readouterr().out
+    print(out)
+    line = [ln for ln in out.splitlines() if ln.startswith(" * Acc@1")][0]
     acc1 = float(line.split("=")[1].split(",")[0])
     assert acc1 == pytest.approx(best["max_test_acc1"], abs=1e-3)
 

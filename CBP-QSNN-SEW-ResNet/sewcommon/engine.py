@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import cbp
 from cbp import distributed as D
+from cbp import metrics
 from cbp.checkpoint import CheckpointError, extract_state_dict, load_file, load_into, save_atomic
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
@@ -478,7 +479,8 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
             require_file(path, "checkpoint", hint)
             load_into(model, load_checkpoint_file(path), nonfinite="warn")
     if p.test_only:
-        loss, acc1, acc5 = evaluate(model, test_loader, device, p.settings.show)
+        (loss, acc1, acc5), _ = metrics.profiled(
+            model, lambda: evaluate(model, test_loader, device, p.settings.show))
         if p.test_only_report is not None:
             p.test_only_report(loss, acc1, acc5)
         else:

@@ -27,6 +27,17 @@ def psp(inputs: Tensor, network_config: Mapping) -> Tensor:
     return torch.stack(out, dim=-1)
 
 
+@torch.no_grad()
+def psp_inverse(y: Tensor, tau_s: float, snap: float = 1e-4) -> Tensor:
+    """The input ``x`` of ``psp`` (and the spikes behind a ``TSSLBP`` trace, which follows
+    the same filter): x_t = tau_s y_t - (tau_s - 1) y_{t-1}.  Values within ``snap`` of an
+    integer are rounded to it, so spike trains come back exact."""
+    x = y * tau_s
+    x[..., 1:] -= (tau_s - 1.0) * y[..., :-1]
+    r = x.round()
+    return torch.where((x - r).abs() <= snap, r, x)
+
+
 def desired_spikes(n_steps: int) -> Tensor:
     """The kernel loss's spike pattern: 0,1,0,1,... for T >= 10, else 0,1,1,1,1 (tiled, and
     cut to ``n_steps`` when T is not a multiple of the pattern)."""

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import torch
 from global_v import psp_kernel
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from cbp.runtime import UserError
@@ -232,6 +232,19 @@ class TSSLBP(torch.autograd.Function):
             a, u, du = (t.reshape(-1, T).t() for t in (a, u, du))
         out = torch_backward(grad, a, u, du, theta_m, tau_s, vth)
         return _from_tm(out, ctx.shape).to(grad.dtype), None, None
+
+
+class Neuron(nn.Module):
+    """The TSSL-BP LIF neuron of one layer as a (parameterless) module: its output is the PSP
+    trace of its spikes (``TSSLBP.apply``).  Being a module lets hooks, such as the spike
+    metrics, see each layer's firing."""
+
+    def __init__(self, network_config: Mapping, layer_config: Mapping) -> None:
+        super().__init__()
+        self.network_config, self.layer_config = network_config, layer_config
+
+    def forward(self, current: Tensor) -> Tensor:
+        return TSSLBP.apply(current, self.network_config, self.layer_config)
 
 
 def tsslbp(inputs: Tensor, network_config: Mapping, layer_config: Mapping) -> Tensor:

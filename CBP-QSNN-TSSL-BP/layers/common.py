@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from layers.q_module import check_mode, levels, quantize
 
-from functions.tsslbp import TSSLBP
+from functions.tsslbp import Neuron
 
 
 def spatial3(value, name: str, last: int) -> tuple[int, int, int]:
@@ -50,6 +50,7 @@ class WeightLayer(nn.Module):
         self.layer_config = config
         self.network_config = network_config
         self.type = config["type"]
+        self.neuron = Neuron(network_config, config)  # no parameters
 
     def effective_weight(self) -> Tensor:
         return self.weight
@@ -62,7 +63,7 @@ class WeightLayer(nn.Module):
         self.weight.clamp_(-self.clip, self.clip)
 
     def forward_pass(self, x: Tensor, epoch: int | None = None) -> Tensor:
-        return TSSLBP.apply(self.forward(x), self.network_config, self.layer_config)
+        return self.neuron(self(x))
 
 
 class QuantizedWeight:

@@ -39,7 +39,7 @@ class PoolLayer(nn.Module):
         return y.reshape(n, c, *y.shape[2:])
 
     def forward_pass(self, x: Tensor, epoch: int | None = None) -> Tensor:
-        return self.forward(x)
+        return self(x)
 
     def get_parameters(self) -> None:
         return None
