@@ -284,38 +284,48 @@ def echo(log: logging.Logger):
     return out
 
 
-def _events(layer, x: torch.Tensor) -> torch.Tensor:
-    """The events behind a layer's input: PSP traces of spikes, pooled or not, turned back
-    into (amplitude x) spike counts; the first layer's analog input stays analog."""
-    return loss_f.psp_inverse(x, float(layer.network_config["tau_s"]))
+class _Rules:
+    """op_counter rules for the TSSL-BP layers of ``net``: a layer's synaptic events are the
+    spikes behind its PSP input (the convolution commutes with the PSP filter), or after a
+    sum-pooling layer of weight theta, theta x the spike count of each window."""
 
+    def __init__(self, net: Network) -> None:
+        self.tau_s = float(net.network_config["tau_s"])
+        self.thetas = sorted({lay.theta for lay in net.layers if isinstance(lay, PoolLayer)})
 
-def _conv_ops(layer: ConvLayer, args, kwargs, out) -> tuple[int, int]:
-    return metrics.conv_ops(_events(layer, args[0]), layer.weight, layer.stride,
-                            layer.padding, layer.dilation, out=out)
+    def events(self, x: torch.Tensor) -> torch.Tensor:
+        e = loss_f.psp_inverse(x, self.tau_s)
+        if metrics.spike_counts(e) is None:
+            for theta in self.thetas:
+                k = metrics.spike_counts(e, amplitude=theta)
+                if k is not None:
+                    return k
+        return e  # spikes, or the first layer's analog input
 
+    def conv(self, layer: ConvLayer, args, kwargs, out) -> tuple[int, int]:
+        return metrics.conv_ops(self.events(args[0]), layer.weight, layer.stride,
+                                layer.padding, layer.dilation, out=out)
 
-def _linear_ops(layer: LinearLayer, args, kwargs, out) -> tuple[int, int]:
-    e = _events(layer, args[0])
-    n, T = e.shape[0], e.shape[-1]
-    return metrics.linear_ops(e.reshape(n, -1, T).transpose(1, 2).reshape(n * T, -1),
-                              layer.weight)
+    def linear(self, layer: LinearLayer, args, kwargs, out) -> tuple[int, int]:
+        e = self.events(args[0])
+        n, T = e.shape[0], e.shape[-1]
+        return metrics.linear_ops(e.reshape(n, -1, T).transpose(1, 2).reshape(n * T, -1),
+                                  layer.weight)
 
-
-def _neuron_spikes(neuron: tsslbp.Neuron, args, kwargs, out) -> torch.Tensor:
-    return loss_f.psp_inverse(out, float(neuron.network_config["tau_s"]))
+    def spikes(self, neuron: tsslbp.Neuron, args, kwargs, out) -> torch.Tensor:
+        return loss_f.psp_inverse(out, self.tau_s)
 
 
 def test_with_metrics(net: Network, loader: DataLoader, device: torch.device,
                       show: bool = True, log=print) -> tuple[float, metrics.SpikeReport]:
     """``test`` under the spike profiler; prints (with ``log``) the firing rate of every
-    layer, SynOps, MACs and the energy estimate.  A layer's synaptic events are the spikes
-    behind its PSP input (the convolution commutes with the PSP filter); pooling (fixed
-    weights, no neuron) is folded into the next layer and not counted."""
+    layer, SynOps, MACs and the energy estimate (see ``_Rules``); pooling (fixed weights, no
+    neuron) is folded into the next layer and not counted."""
+    rules = _Rules(net)
     return metrics.profiled(
         net, lambda: test(net, loader, device, show), log=log,
-        neurons={tsslbp.Neuron: _neuron_spikes},
-        layers={ConvLayer: _conv_ops, LinearLayer: _linear_ops}, ignore=[PoolLayer],
+        neurons={tsslbp.Neuron: rules.spikes},
+        layers={ConvLayer: rules.conv, LinearLayer: rules.linear}, ignore=[PoolLayer],
         scope=torch.nn.ModuleDict({lay.name: lay for lay in net.layers}))
 
 

@@ -182,11 +182,17 @@ def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     best = load(run_dir / f"{STEM}_ckpt.pth")
     code, out, err = inproc(CBPMAIN, CBP_ARGS + ["--evaluate", f"{STEM}_ckpt.pth"])
-    print(out)
     assert code == 0, err
     acc = float(out.split("test_acc=")[1].split()[0])
     assert acc == pytest.approx(best["max_test_acc"])  # the same network, the same test set
     assert "CFS:" in out and "Mbit" in out
+    # spike metrics: every IF layer (13 convs + 5 pooling convs of VGG16) fires spikes of
+    # amplitude theta; the first conv sees the analog image at each of the T = 2 steps
+    rates = out.split("firing rate (spikes/neuron/step): ")[1].splitlines()[0].split(", ")
+    assert len(rates) == 18 and all(0 < float(r.split()[1]) < 1 for r in rates)
+    macs = float(out.split("MACs/sample: ")[1].split()[0])
+    c1 = best["net"]["model.features.0.conv.weight"]
+    assert macs == 2 * c1.numel() * 32 * 32  # the first conv only: C_out C_in 9 x 32 x 32 x T
     monkeypatch.chdir(tmp_path)
     code, _, err = inproc(CBPMAIN, CBP_ARGS + ["--evaluate", "missing.pth"])
     assert code == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -183,8 +184,16 @@ def test_dvs128_fp32_cbp_test_only(dvs_pretrained, capsys):
     assert torch.equal(packed[f"{key}.weight"], want.detach())
     cli("DVS128Gesture", f"--output-dir ./logs {DVS} --test-only --quant ter", cwd)
     out = capsys.readouterr().out
-    print(out)
     line = [ln for ln in out.splitlines() if ln.startswith(" * Acc@1")][0]
+    # spike metrics: a rate for each of the 15 PLIF layers; the event frames (counts) drive
+    # the first conv and the classifier sees time-averaged spikes (analog: MACs)
+    rates = re.search(r"firing rate \(spikes/neuron/step\): (.*)", out).group(1).split(", ")
+    assert len(rates) == 15 and rates[0].startswith("conv.0.1 ")
+    ops = re.search(r"SynOps/sample: (\S+)  MACs/sample: (\S+)  energy/sample: (\S+) uJ", out)
+    synops, macs, energy = map(float, ops.groups())
+    # the classifier's MACs, unless its averaged input is silent (then it is spike counts 0)
+    assert synops > 0 and macs in (0, best["model"]["out.weight"].numel())
+    assert energy == pytest.approx((0.9 * synops + 4.6 * macs) * 1e-6, rel=1e-5)
     acc1 = float(line.split("=")[1].split(",")[0])
     assert acc1 == pytest.approx(best["max_test_acc1"], abs=1e-3)
 

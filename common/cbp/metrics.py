@@ -13,11 +13,11 @@
 
 Counting conventions (extensions registered through ``op_counter``'s ``extra_rules``):
 
-* A layer input whose values are ``a * k`` with one amplitude ``a > 0`` and non-negative
-  integers ``k`` is a spike input: ``k`` spikes per element, each costing one accumulate per
-  synapse it reaches.  This covers binary spikes (``a = 1``), spikes of amplitude theta
-  (ANN-to-SNN conversion), spike counts (event frames, SEW ``ADD`` sums) and sum-pooled
-  spikes.  Any other input is analog and costs MACs.
+* A layer input of binary spikes, of spikes with one amplitude theta (ANN-to-SNN conversion)
+  or of non-negative integer spike counts (event frames, SEW ``ADD`` sums) is a spike input:
+  each spike costs one accumulate per synapse it reaches.  Any other input is analog and
+  costs MACs, e.g. time-averaged spikes fed to a classifier; a pipeline that knows better
+  (sum-pooled spikes in TSSL-BP) says so with a layer rule.
 * Batch normalization is folded into the preceding layer at inference and not counted.
 * Only what the forward pass executes is counted, e.g. a first layer that the network
   computes once for all time steps costs its MACs once.
@@ -63,9 +63,11 @@ Neurons = Mapping[type[nn.Module], NeuronRule | None] | Iterable[type[nn.Module]
 
 # ----------------------------------------------------------------------------- spikes
 @torch.no_grad()
-def spike_counts(x: Tensor) -> Tensor | None:
-    """``x / a`` as exact non-negative integers when ``x = a * k`` for one amplitude ``a > 0``
-    (the smallest positive value, or 1 when ``x`` is integer valued); else ``None``."""
+def spike_counts(x: Tensor, amplitude: float | None = None) -> Tensor | None:
+    """Spikes per element (exact non-negative integers, float32) when ``x`` is a spike
+    tensor, else ``None``.  Spike tensors: bool or 0/1 values, non-negative integer counts,
+    or one amplitude ``a > 0`` (every non-zero value equal).  With ``amplitude``, any
+    ``amplitude * k`` (``k`` non-negative integers, up to float rounding) also counts."""
     if not torch.is_tensor(x) or x.numel() == 0:
         return None
     if x.dtype == torch.bool:
@@ -74,12 +76,15 @@ def spike_counts(x: Tensor) -> Tensor | None:
         return None
     if bool((x == x.round()).all()):
         return x.to(torch.float32)
-    pos = x[x > 0]
-    a = pos.min()
-    k = (x / a).round()
-    if not bool(((x - k * a).abs() <= _REL_TOL * a * k.clamp(min=1.0)).all()):
+    if amplitude is not None:
+        k = (x / amplitude).round()
+        if bool(((x - k * amplitude).abs() <= _REL_TOL * amplitude * k.clamp(min=1.0)).all()):
+            return k.to(torch.float32)
         return None
-    return k.to(torch.float32)
+    nz = x[x != 0]
+    if bool((nz == nz[0]).all()):
+        return (x != 0).to(torch.float32)
+    return None
 
 
 def _bit_planes(k: Tensor) -> list[tuple[int, Tensor]]:
