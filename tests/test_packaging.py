@@ -42,7 +42,8 @@ RUNTIME, EXTRAS = _declared()
 DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "spikingjelly": "spikingjelly",
                  "numpy": "numpy", "yaml": "pyyaml", "tensorboard": "tensorboard",
                  "tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib",
-                 "cupy": "cupy", "cupy_backends": "cupy", "PIL": "pillow", "scipy": "scipy"}
+                 "cupy": "cupy", "cupy_backends": "cupy", "PIL": "pillow", "scipy": "scipy",
+                 "nir": "nir", "nirtorch": "nirtorch"}
 TRANSITIVE = {"pillow": "torchvision", "scipy": "scikit-learn"}  # guaranteed by another dependency
 
 

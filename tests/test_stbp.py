@@ -27,6 +27,7 @@ STBP_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-STBP"
 functions, _model, _q_model = load_pipeline(STBP_DIR, "functions", "model", "q_model")
 Conv_SNN, scale_init = _model.Conv_SNN, _model.scale_init
 Q_Conv_SNN = _q_model.Q_Conv_SNN
+LAYER_NAMES = _model.LAYER_NAMES
 
 FP32_SCRIPT = STBP_DIR / "main_train_fp32.py"
 CBP_SCRIPT = STBP_DIR / "main_quantize_cbp.py"
@@ -153,6 +154,17 @@ def test_spike_is_strict_and_surrogate_is_open_boxcar():
     assert u.grad.tolist() == [0.0, 0.0, 2.0, 6.0, -2.0, 0.0, 0.0, 0.0, 0.0]
 
 
+def test_spike_module_is_act_fun_and_adds_no_state():
+    u = torch.tensor([0.2, 0.5, 0.7], requires_grad=True)
+    s = functions.Spike()(u, 0.5, 0.25)
+    assert s.tolist() == [0.0, 0.0, 1.0]
+    s.sum().backward()
+    assert u.grad.tolist() == [0.0, 2.0, 2.0]  # the same boxcar as ActFun
+    model = Conv_SNN(10, 0.25, 0.5, 0.5, timesteps=2, width=0.0625)
+    assert list(model.spike) == list(LAYER_NAMES)
+    assert not any(k.startswith("spike.") for k in model.state_dict())
+
+
 def test_lif_recursion_by_hand():
     decay, thresh, lens = 0.5, 0.5, 0.5
     currents = torch.tensor(
@@ -266,12 +278,27 @@ def test_fp32_training_writes_checkpoint_and_pretrained_state_dict(runs):
     assert "Best Test Accuracy : " in runs["fp32"].stdout
 
 
+def check_metrics(out: str, conv1_weight: torch.Tensor) -> None:
+    """The spike metrics of an evaluation: a firing rate for each of the 10 layers; the
+    analog image drives conv1 once (its MACs), every other layer is driven by spikes."""
+    rates = re.search(r"firing rate \(spikes/neuron/step\): (.*)", out).group(1).split(", ")
+    assert [r.split()[0] for r in rates] == [f"spike.{n}" for n in LAYER_NAMES]
+    assert all(0.0 <= float(r.split()[1]) <= 1.0 for r in rates)
+    assert float(rates[0].split()[1]) > 0
+    ops = re.search(r"SynOps/sample: (\S+)  MACs/sample: (\S+)  energy/sample: (\S+) uJ", out)
+    synops, macs, energy = map(float, ops.groups())
+    assert macs == conv1_weight.numel() * 32 * 32  # C_out x 3 x 3 x 3 x 32 x 32, once
+    assert synops > 0
+    assert energy == pytest.approx((0.9 * synops + 4.6 * macs) * 1e-6, rel=1e-5)
+
+
 def test_fp32_eval_reports_accuracy(runs):
     out = check_ok(cli(FP32_SCRIPT, SMALL + ["--mode", "eval"], runs["dir"]))
     m = re.search(r"Test Accuracy: (\d+\.\d{3})", out)
     assert m, out
     best = load(runs["dir"] / "checkpoint/DIGITS_best.pth")
     assert m.group(1) == f"{max(best['test_acc_hist']):.3f}"
+    check_metrics(out, best["net"]["conv1.weight"])
 
 
 def test_cbp_training_outputs(runs):
@@ -369,6 +396,7 @@ def test_cbp_eval_reports_best_accuracy(runs):
     out = check_ok(cli(CBP_SCRIPT, SMALL + ["--mode", "eval", "--quant", "ter"], runs["dir"]))
     m = re.search(r"Test Accuracy: (\d+\.\d{3})", out)
     assert m, out
+    check_metrics(out, load(runs["dir"] / PREQUANTIZED)["conv1.weight"])
     rows = read_progress(runs["dir"] / PROGRESS)
     assert m.group(1) == f"{max(r[2] for r in rows[1:]):.3f}"
 

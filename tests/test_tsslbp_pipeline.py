@@ -19,6 +19,7 @@ from cbp import QuantTarget, quantize
 
 M = tssl_modules()
 cnns, engine, loss_f = M["cnns"], M["engine"], M["functions.loss_f"]
+tsslbp = M["functions.tsslbp"]
 conv, linear, pooling, dropout = (M[f"layers.{n}"] for n in ("conv", "linear", "pooling",
                                                              "dropout"))
 parse = M["network_parser"].parse
@@ -276,6 +277,48 @@ def test_fp32_then_cbp_then_eval(trained):
     best = torch.load(d / "checkpoint/DIGITS_bin.pth", weights_only=True)
     assert accuracy(ev) == pytest.approx(best["accuracy"])
     assert (d / "logs/DIGITS_bin_eval.log").is_file()
+    # spike metrics, also in the log: one rate per neuron layer; conv_1 alone is analog
+    rates = ev.split("firing rate (spikes/neuron/step): ")[1].splitlines()[0].split(", ")
+    assert [r.split()[0] for r in rates] == [
+        "conv_1.neuron", "conv_2.neuron", "FC_1.neuron", "output.neuron"]
+    T = int(parse(str(cfg))["Network"]["n_steps"])
+    assert f"MACs/sample: {3 * 9 * 6 * 8 * 8 * T}  " in ev
+    assert "SynOps/sample: " in (d / "logs/DIGITS_bin_eval.log").read_text()
+
+
+def test_metrics_count_the_spikes_behind_the_psp(tmp_path):
+    """SynOps from the spikes each layer emits, found independently from the membrane
+    potentials (u > threshold), against the hand formulas of each connection."""
+    net, p = small_net(tmp_path, "bin")
+    net.eval()
+    T = int(p["Network"]["n_steps"])
+    spikes = {}
+
+    def keep(layer):
+        def hook(module, args, out):
+            u = tsslbp.torch_forward(args[0], *tsslbp._params(net.network_config,
+                                                              layer.layer_config))[1]
+            spikes[layer.name] = (u > float(layer.layer_config["threshold"])).float().t()
+        return hook
+
+    for lay in net.weight_layers:
+        lay.neuron.register_forward_hook(keep(lay))
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 8, 8) * 2
+    acc, r = engine.test_with_metrics(net, [(images, torch.zeros(4, dtype=torch.long))],
+                                      torch.device("cpu"), False, log=None)
+    s = {k: v.reshape(4, -1, T) for k, v in spikes.items()}
+    assert all(float(v.sum()) > 0 for v in s.values())  # every layer fires
+    # conv_2: each conv_1 spike reaches the 8 channels x the 3x3 positions inside the map
+    c1 = s["conv_1"].reshape(4, 6, 8, 8, T)
+    reach = F.conv3d(c1, torch.ones(8, 6, 3, 3, 1), padding=(1, 1, 0)).sum()
+    # FC_1 sees 2x2 sum-pooled spikes (weight 1.1): each conv_2 spike reaches 32 neurons;
+    # the output layer: each FC_1 spike reaches 10
+    want = float(reach) + 32 * float(s["conv_2"].sum()) + 10 * float(s["FC_1"].sum())
+    assert r.synops == pytest.approx(want / 4, abs=1e-9)
+    assert r.macs == 3 * 9 * 6 * 8 * 8 * T  # conv_1 on the analog image, at every step
+    for name, v in s.items():
+        assert r.rates[f"{name}.neuron"] == pytest.approx(float(v.double().mean()), abs=1e-12)
 
 
 def accuracy(stdout: str) -> float:

@@ -1,0 +1,94 @@
+"""Export the trained STBP network to NIR (Neuromorphic Intermediate Representation).
+
+Examples (working directory = CBP-QSNN-STBP/):
+    python export_nir.py --dataset CIFAR10 --decay 0.25 --thresh 0.5 --T 8 --quant ter
+    python export_nir.py --dataset CIFAR10 --decay 0.25 --thresh 0.5 --T 8 --export_nir net.nir
+
+Reads the checkpoint the evaluation reads (./trained_params/STBP_<dataset>_fp32_pretrained.pth,
+or ./trained_params/STBP_<dataset>_<q>_cbp_prequantized.pth with --quant), exports it (quantized
+layers with their exact quantized weights), imports the graph back with spikingjelly and checks
+on the first test batch that every layer's spikes at every step and the output are identical.
+Only then is the file written (atomically: an existing file is replaced only by a complete one).
+See cbp/nir_export.py for how the neuron maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbp import MODES, nir_export
+from cbp import distributed as D
+from cbp.checkpoint import load_into
+from cbp.runtime import UserError, run_main, seed_everything
+
+import engine
+from model import Conv_SNN
+from q_model import Q_Conv_SNN
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Export the STBP network to NIR")
+    # the flags of the other two scripts, so that the same command line selects the same
+    # network and checkpoint (the training-only ones are accepted and ignored)
+    engine.add_common_args(p, lr=5e-3)
+    p.add_argument("--quant", type=str, default="fp32", choices=["fp32", *MODES],
+                   help="fp32 (the pretrained network) or a CBP-quantized one")
+    p.add_argument("--export_nir", type=str, default=None,
+                   help="output file (default ./trained_params/STBP_<dataset>_<quant>.nir)")
+    p.add_argument("--dt", type=engine.positive_float, default=nir_export.DEFAULT_DT,
+                   help="time step in seconds the NIR time constants refer to")
+    return p.parse_args(argv)
+
+
+def checkpoint(args) -> str:
+    """The checkpoint the matching ``--mode eval`` reads (a one-line error if missing)."""
+    width = f" --width {args.width}" if args.width != 1.0 else ""
+    if args.quant == "fp32":
+        path = engine.pretrained_path(args.dataset)
+        engine.require_file(path, "pretrained fp32 checkpoint", f"download it from "
+                            f"{engine.DRIVE} or create it with: {engine.fp32_command(args)}")
+        return path
+    path = engine.prequantized_path(args.dataset, args.quant)
+    cmd = (f"python main_quantize_cbp.py --dataset {args.dataset} --mode train --decay "
+           f"{args.decay} --thresh {args.thresh} --lens {args.lens} --T {args.T} "
+           f"--quant {args.quant}{width}")
+    engine.require_file(path, "prequantized checkpoint",
+                        f"download it from {engine.DRIVE} or produce it with: {cmd}")
+    return path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = engine.setup(args)
+    seed_everything(args.seed)
+    out = args.export_nir or f"./trained_params/STBP_{args.dataset}_{args.quant}.nir"
+    path = checkpoint(args)
+    with D.collective():
+        _, test_dl, outs = engine.loaders(args)
+    common = (outs, args.decay, args.thresh, args.lens, args.batch_size, args.T)
+    model = (Conv_SNN(*common, width=args.width) if args.quant == "fp32"
+             else Q_Conv_SNN(*common, mode=args.quant, width=args.width))
+    model = model.to(device).eval()
+    load_into(model, path, nonfinite="warn")
+    images, _ = next(iter(test_dl))
+    images = images.to(device)
+
+    try:
+        graph = nir_export.export_stbp(model, images, dt=args.dt)
+    except nir_export.NIRExportError as exc:
+        raise UserError(str(exc)) from None
+    data = nir_export.to_bytes(graph)  # check exactly what will be written
+    result = nir_export.compare(model, nir_export.load(data, device=device), images)
+    if not result.exact:
+        bad = {k: v for k, v in result.mismatches.items() if v}
+        raise UserError(f"round trip differs from the network on the first test batch "
+                        f"(mismatching spikes per layer: {bad}, output max |diff| "
+                        f"{result.max_output_diff:.3g}); {out} not written")
+    nir_export.save(data, out)
+    print(f"exported {out} ({args.quant}, T={args.T}, dt={args.dt:g}): round trip exact on "
+          f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} layers "
+          f"({sum(result.spikes.values())} spikes), outputs equal")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,321 @@
+"""Export the STBP network to NIR (Neuromorphic Intermediate Representation) and load it back.
+
+The STBP network (``Conv_SNN`` / ``Q_Conv_SNN``) is rebuilt as a plain chain of
+``nn.Conv2d`` / ``nn.Linear`` layers, each followed by a spikingjelly ``CUBALIFNode``, and that
+chain is exported with spikingjelly's ``export_to_nir``.  Quantized layers contribute the weight
+their forward pass uses (``quantized_weight()``: levels x scale), so the file holds the exact
+float32 weights.
+
+How the STBP neuron maps (``u[t] = decay * u[t-1] * (1 - s[t-1]) + I[t]``, ``s = u > thresh``):
+
+* The neuron becomes ``nir.CubaLIF`` with ``tau_syn = dt``, ``tau_mem = dt / (1 - decay)``,
+  ``r = tau_mem / dt``, ``w_in = 1``, ``v_leak = 0``, ``v_reset = 0``.  spikingjelly imports it
+  as ``CUBALIFNode(c_decay=0, v_decay=decay)`` (forward Euler), whose membrane update is
+  bitwise the STBP one.  The multiplicative reset ``(1 - s)`` equals a hard reset to 0.
+* STBP fires on ``u > thresh``; spikingjelly fires on ``u >= v_threshold``.  The exported
+  ``v_threshold`` is therefore the next float32 above ``thresh`` (``above(thresh)``), which
+  gives the same spikes on every float32 membrane value.  A simulator that applies the NIR
+  spec's ``v > v_threshold`` literally differs only when ``u`` equals that value exactly.
+* NIR does not store ``dt``; this module stores it (and decay, thresh, T) in the graph's
+  metadata, and :func:`load` uses the stored ``dt``.
+* The analog image is the input at every step (STBP computes ``conv1(image)`` once and reuses
+  it; recomputing it each step gives the same values).  The network output, the mean over T of
+  the last layer's spikes, is computed outside the graph (:func:`rate`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .files import write_atomic
+from .nn import QuantMixin
+
+if TYPE_CHECKING:
+    import nir
+    from torch import fx
+
+DEFAULT_DT = 1e-4
+NEURON_SUFFIX = "_lif"  # graph node name of the neuron after layer <name>: <name>_lif
+
+
+class NIRExportError(ValueError):
+    """A network (or one of its layers) that cannot be written as NIR; one line naming it."""
+
+
+def above(thresh: float) -> float:
+    """The next float32 after ``thresh`` towards +inf: ``u >= above(t)`` iff ``u > t`` for
+    every float32 ``u``."""
+    return float(np.nextafter(np.float32(thresh), np.float32(np.inf)))
+
+
+def exact_weight(layer: nn.Module) -> Tensor:
+    """The weight ``layer``'s forward uses (the quantized one for cbp quantized layers)."""
+    w = layer.quantized_weight() if isinstance(layer, QuantMixin) else layer.weight
+    return w.detach().clone()
+
+
+def plain_layer(name: str, layer: nn.Module) -> nn.Module:
+    """A plain ``nn.Conv2d`` / ``nn.Linear`` with ``layer``'s exact weight and bias."""
+    kind = type(layer).__name__
+    if isinstance(layer, nn.Conv2d):
+        problem = None
+        if layer.groups != 1:
+            problem = f"grouped convolution (groups={layer.groups})"
+        elif layer.padding_mode != "zeros":
+            problem = f"padding_mode={layer.padding_mode!r}"
+        elif isinstance(layer.padding, str):
+            problem = f"padding={layer.padding!r}"
+        if problem:
+            raise NIRExportError(f"cannot export layer '{name}' ({kind}): {problem} has no "
+                                 "NIR node")
+        plain: nn.Module = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, bias=layer.bias is not None,
+        )
+    elif isinstance(layer, nn.Linear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    else:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): NIR has no node for it")
+    plain = plain.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(exact_weight(layer))
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias.detach())
+    return plain.requires_grad_(False)
+
+
+def stbp_neuron(decay: float, thresh: float, exact_gt: bool = True) -> nn.Module:
+    """The STBP neuron as a spikingjelly ``CUBALIFNode`` (see the module docstring).
+
+    ``exact_gt=False`` keeps ``thresh`` unchanged (fires on ``u >= thresh``: not STBP's rule).
+    """
+    from spikingjelly.activation_based import neuron
+
+    decay, thresh = float(decay), float(thresh)
+    if not 0.0 <= decay < 1.0:
+        raise NIRExportError(f"cannot export decay {decay}: CubaLIF needs 0 <= decay < 1")
+    if not np.isfinite(thresh):
+        raise NIRExportError(f"cannot export threshold {thresh}: it must be finite")
+    return neuron.CUBALIFNode(c_decay=0.0, v_decay=decay,
+                              v_threshold=above(thresh) if exact_gt else thresh, v_reset=0.0)
+
+
+def stbp_sequential(model: nn.Module, exact_gt: bool = True) -> nn.Sequential:
+    """The STBP network as an ``nn.Sequential`` of plain layers and ``CUBALIFNode`` neurons.
+
+    ``model`` follows the ``Conv_SNN`` contract: ``decay`` and ``thresh`` attributes and a
+    ``spike`` ModuleDict whose keys name its layers in firing order; every layer's output
+    feeds a neuron, and the feature map is flattened before the first linear layer.
+    """
+    names = list(getattr(model, "spike", {}))
+    if not names:
+        raise NIRExportError(f"cannot export {type(model).__name__}: it has no 'spike' "
+                             "ModuleDict naming its spiking layers")
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
+    flat = False
+    for name in names:
+        layer = getattr(model, name, None)
+        if layer is None:
+            raise NIRExportError(f"cannot export layer '{name}': the model has no such layer")
+        plain = plain_layer(name, layer)
+        if isinstance(plain, nn.Linear) and not flat:
+            if parts:
+                parts["flatten"] = nn.Flatten()
+            flat = True
+        elif isinstance(plain, nn.Conv2d) and flat:
+            raise NIRExportError(f"cannot export layer '{name}' ({type(layer).__name__}): a "
+                                 "convolution after a linear layer is not the STBP layout")
+        parts[name] = plain
+        parts[name + NEURON_SUFFIX] = stbp_neuron(model.decay, model.thresh, exact_gt)
+    return nn.Sequential(parts).eval()
+
+
+def export_stbp(
+    model: nn.Module,
+    example_image: Tensor,
+    path: str | None = None,
+    dt: float = DEFAULT_DT,
+    exact_gt: bool = True,
+) -> nir.NIRGraph:
+    """Export the STBP ``model`` as a ``nir.NIRGraph`` (written atomically to ``path`` if given).
+
+    ``example_image``: one input batch ``[N, C, H, W]`` (or one image ``[C, H, W]``); only its
+    shape is used.  The graph's input is the image, its output the last layer's spikes (one
+    step); ``dt``, decay, thresh and T are stored in ``graph.metadata``.
+    """
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    if not dt > 0:
+        raise NIRExportError(f"cannot export with dt={dt}: it must be positive")
+    seq = stbp_sequential(model, exact_gt)
+    example = example_image.detach()[:1] if example_image.dim() == 4 else example_image[None]
+    example = example.to(next(seq.parameters()).device)
+    graph = export_to_nir(seq, example, dt=dt)
+    graph.metadata = {
+        "dt": float(dt),
+        "decay": float(model.decay),
+        "thresh": float(model.thresh),
+        "timesteps": int(getattr(model, "T", 0)),
+        "firing": "v >= v_threshold = next float32 above thresh (STBP: v > thresh)"
+        if exact_gt else "v >= v_threshold = thresh",
+    }
+    if path is not None:
+        save(graph, path)
+    return graph
+
+
+def to_bytes(graph: nir.NIRGraph) -> bytes:
+    """The NIR (HDF5) file contents of ``graph``."""
+    import nir
+
+    buffer = io.BytesIO()
+    nir.write(buffer, graph)
+    return buffer.getvalue()
+
+
+def save(graph: nir.NIRGraph | bytes, path: str) -> None:
+    """Write ``graph`` (or its :func:`to_bytes`) to ``path``; an existing file is replaced only
+    by a complete new one."""
+    data = graph if isinstance(graph, bytes) else to_bytes(graph)
+    write_atomic(path, lambda f: f.write(data))
+
+
+def read(source: str | os.PathLike | bytes | nir.NIRGraph) -> nir.NIRGraph:
+    """A NIR graph from a path, file contents or a graph (returned as is)."""
+    import nir
+
+    if isinstance(source, bytes):
+        return nir.read(io.BytesIO(source))
+    if isinstance(source, (str, os.PathLike)):
+        return nir.read(source)
+    return source
+
+
+def load(
+    source: str | os.PathLike | bytes | nir.NIRGraph,
+    dt: float | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> fx.GraphModule:
+    """Import a NIR graph with spikingjelly (single-step ``forward(x, state) -> (y, state)``).
+
+    ``dt`` defaults to the one stored in the graph's metadata (else 1e-4); a different ``dt``
+    would silently rescale every time constant, so a mismatch is an error.
+    """
+    from spikingjelly.activation_based.nir_exchange import import_from_nir
+
+    graph = read(source)
+    stored = graph.metadata.get("dt") if graph.metadata else None
+    stored = None if stored is None else float(stored)
+    if dt is None:
+        dt = stored if stored is not None else DEFAULT_DT
+    elif stored is not None and not np.isclose(dt, stored, rtol=1e-9, atol=0.0):
+        raise ValueError(f"dt={dt} differs from the dt={stored} the graph was exported with")
+    return import_from_nir(graph, dt=dt, device=str(device), dtype=dtype, step_mode="s")
+
+
+def neuron_modules(graph_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(node name, module) of every stateful neuron of an imported graph, in graph order."""
+    from spikingjelly.activation_based.base import MemoryModule
+
+    return [(n, m) for n, m in graph_module.named_children()
+            if isinstance(getattr(m, "module", None), MemoryModule)]
+
+
+@dataclass
+class Recording:
+    """Per-step outputs ``[T, ...]`` and per-step spikes of every neuron node ``[T, ...]``."""
+
+    outputs: Tensor
+    spikes: dict[str, Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def record(graph_module: nn.Module, x_steps: Iterable[Tensor]) -> Recording:
+    """Run an imported graph over the inputs ``x_steps`` (one tensor per step, e.g. ``[image] *
+    T``), passing the state on from step to step, and record every neuron's spikes."""
+    steps: dict[str, list[Tensor]] = {name: [] for name, _ in neuron_modules(graph_module)}
+
+    def hook(name: str):
+        return lambda _m, _i, out: steps[name].append(out[0].detach().clone())
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in neuron_modules(graph_module)]
+    state: Any = None
+    outputs = []
+    try:
+        for x in x_steps:
+            y, state = graph_module(x, state)
+            outputs.append(y)
+    finally:
+        for h in handles:
+            h.remove()
+    if not outputs:
+        raise ValueError("x_steps is empty")
+    return Recording(torch.stack(outputs), {n: torch.stack(s) for n, s in steps.items() if s})
+
+
+def run(graph_module: nn.Module, x_steps: Iterable[Tensor]) -> Tensor:
+    """The per-step outputs ``[T, ...]`` of an imported graph (state passed between steps)."""
+    return record(graph_module, x_steps).outputs
+
+
+def rate(outputs: Tensor) -> Tensor:
+    """The STBP network output: the mean over the steps (dim 0) of the output spikes."""
+    return outputs.sum(0) / outputs.shape[0]
+
+
+@torch.no_grad()
+def stbp_recording(model: nn.Module, images: Tensor) -> Recording:
+    """``model(images)`` with every layer's spikes ``[T, ...]`` (hooks on ``model.spike``);
+    ``outputs`` holds the network output (the mean over T), not per-step values."""
+    steps: dict[str, list[Tensor]] = {name: [] for name in model.spike}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, n=n: steps[n].append(out.detach().clone()))
+        for n, m in model.spike.items()
+    ]
+    try:
+        out = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return Recording(out, {n: torch.stack(s) for n, s in steps.items()})
+
+
+@dataclass
+class RoundTrip:
+    """How an imported graph compares with the STBP network on one batch."""
+
+    mismatches: dict[str, int]  # differing spikes per layer (over all steps)
+    spikes: dict[str, int]  # spikes of the STBP network per layer (over all steps)
+    outputs_equal: bool
+    max_output_diff: float
+
+    @property
+    def exact(self) -> bool:
+        return self.outputs_equal and not any(self.mismatches.values())
+
+
+@torch.no_grad()
+def compare(model: nn.Module, graph_module: nn.Module, images: Tensor) -> RoundTrip:
+    """Run ``model`` and the imported graph of it on ``images`` (T steps) and compare every
+    layer's spikes and the output."""
+    ref = stbp_recording(model, images)
+    got = record(graph_module, [images] * int(model.T))
+    mismatches, spikes = {}, {}
+    for name, s in ref.spikes.items():
+        other = got.spikes.get(name + NEURON_SUFFIX)
+        spikes[name] = int(s.sum())
+        mismatches[name] = (int((s != other).sum()) if other is not None and
+                            other.shape == s.shape else s.numel())
+    out = rate(got.outputs)
+    diff = float((out - ref.outputs).abs().max()) if out.shape == ref.outputs.shape else np.inf
+    return RoundTrip(mismatches, spikes, torch.equal(out, ref.outputs), diff)
