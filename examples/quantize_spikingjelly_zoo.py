@@ -1,8 +1,9 @@
 """CBP on a network we did not write: spikingjelly's model-zoo ``parametric_lif_net.MNISTNet``
 (conv-BN-PLIF-pool ×2, two linear layers, voting layer), trained fp32 on the embedded digits
 (28×28, 4 time steps, direct input), then quantized with ``cbp.convert`` to binary and ternary
-weights and trained with CBP.  Prints accuracy, weight memory and synaptic operations (counted
-by spikingjelly's ``op_counter``) for each.
+weights and trained with CBP.  Prints accuracy, weight memory, synaptic operations, MACs and
+the energy estimate over the test set (``cbp.metrics``, counted by spikingjelly's
+``op_counter``) for each.
 
     python examples/quantize_spikingjelly_zoo.py            # about 2 minutes on 2 CPU cores
     python examples/quantize_spikingjelly_zoo.py --modes bin --cbp_epochs 3
@@ -18,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional, neuron, surrogate
 from spikingjelly.activation_based.model import parametric_lif_net
-from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpCounter
 from torch.utils.data import DataLoader
 
 import cbp
 from cbp.data import digits
 from cbp.export import weight_memory_mbit
+from cbp.metrics import profiled
 
 
 def forward(model, x: torch.Tensor, T: int) -> torch.Tensor:
@@ -44,14 +45,10 @@ def accuracy(model, loader, T: int) -> float:
     return 100.0 * correct / total
 
 
-def synops_per_sample(model, x: torch.Tensor, T: int) -> float:
-    """Spike-driven synaptic operations of one forward pass (all T steps), per sample."""
-    model.eval()
-    counter = SynOpCounter()
-    with torch.no_grad(), DispatchCounterMode([counter]):
-        forward(model, x, T)
-    model.train()
-    return counter.get_total() / len(x)
+def evaluate(model, loader, T: int) -> tuple[float, float, float, float]:
+    """(test accuracy %, SynOps, MACs, energy in uJ per sample), counted by op_counter."""
+    acc, r = profiled(model, lambda: accuracy(model, loader, T), log=None, batch_dim=1)
+    return acc, r.synops, r.macs, r.energy_uj
 
 
 def train(model, loader, epochs: int, lr: float, T: int, controller: cbp.CBP | None = None):
@@ -86,29 +83,28 @@ def main() -> None:
     train_set, test_set = digits(True, size=28, channels=1), digits(False, size=28, channels=1)
     train_loader = DataLoader(train_set, batch_size=64, shuffle=True)
     test_loader = DataLoader(test_set, batch_size=180)
-    probe = next(iter(test_loader))[0]
 
     fp32 = parametric_lif_net.MNISTNet(channels=args.channels,
                                        spiking_neuron=neuron.ParametricLIFNode,
                                        surrogate_function=surrogate.ATan(), detach_reset=True)
     functional.set_step_mode(fp32, "m")
     train(fp32, train_loader, args.fp32_epochs, args.lr, args.T)
-    rows = [("fp32", accuracy(fp32, test_loader, args.T), weight_memory_mbit(fp32),
-             synops_per_sample(fp32, probe, args.T))]
+    rows = [("fp32", weight_memory_mbit(fp32), *evaluate(fp32, test_loader, args.T))]
     for mode in args.modes:
         model = cbp.convert(copy.deepcopy(fp32), mode)  # first and last layers stay fp32
         controller = cbp.CBP(model, 1e-3, period_max=1)  # g grows every epoch
         controller.start()
         train(model, train_loader, args.cbp_epochs, args.lr / 2, args.T, controller)
-        rows.append((mode, accuracy(model, test_loader, args.T), weight_memory_mbit(model),
-                     synops_per_sample(model, probe, args.T)))
+        rows.append((mode, weight_memory_mbit(model), *evaluate(model, test_loader, args.T)))
 
     print(f"spikingjelly MNISTNet (channels {args.channels}), DIGITS 28x28, T = {args.T}: "
           f"{len(cbp.eligible_layers(fp32))} weight layers, the middle ones quantized")
-    print("| weights | test acc (%) | weight memory (Mbit) | SynOps per sample |")
-    print("|---|---|---|---|")
-    for name, acc, mbit, synops in rows:
-        print(f"| {name} | {acc:.2f} | {mbit:.4f} | {synops / 1e6:.2f} M |")
+    print("| weights | test acc (%) | weight memory (Mbit) | SynOps per sample "
+          "| MACs per sample | energy per sample (µJ) |")
+    print("|---|---|---|---|---|---|")
+    for name, mbit, acc, synops, macs, energy in rows:
+        print(f"| {name} | {acc:.2f} | {mbit:.4f} | {synops / 1e6:.2f} M | {macs / 1e6:.3f} M "
+              f"| {energy:.3f} |")
     print(f"time: {time.time() - t0:.0f} s")
 
 

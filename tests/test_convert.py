@@ -151,4 +151,10 @@ def test_example_on_the_spikingjelly_model_zoo(tmp_path):
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| fp32") or ln.startswith("| bin")]
-    assert len(rows) == 2 and "M |" in rows[1]
+    assert len(rows) == 2
+    for row in rows:
+        _, acc, mbit, synops, macs, energy = (c.strip() for c in row.strip("| ").split("|"))
+        # the first conv (1 -> 4 channels, 3x3, 28x28) sees the analog image at each of 4 steps
+        assert macs == f"{9 * 4 * 28 * 28 * 4 / 1e6:.3f} M"
+        s, m = float(synops.split()[0]) * 1e6, float(macs.split()[0]) * 1e6
+        assert float(energy) == pytest.approx((0.9 * s + 4.6 * m) * 1e-6, abs=0.01)

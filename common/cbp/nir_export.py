@@ -205,11 +205,14 @@ def load(
     dt: float | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    multiply_lif: bool = False,
 ) -> fx.GraphModule:
     """Import a NIR graph with spikingjelly (single-step ``forward(x, state) -> (y, state)``).
 
     ``dt`` defaults to the one stored in the graph's metadata (else 1e-4); a different ``dt``
     would silently rescale every time constant, so a mismatch is an error.
+    ``multiply_lif``: integrate ``nir.LIF`` nodes by multiplying with ``dt / tau`` (see
+    :func:`lif_as_product`) instead of dividing by ``tau / dt``.
     """
     from spikingjelly.activation_based.nir_exchange import import_from_nir
 
@@ -220,7 +223,9 @@ def load(
         dt = stored if stored is not None else DEFAULT_DT
     elif stored is not None and not np.isclose(dt, stored, rtol=1e-9, atol=0.0):
         raise ValueError(f"dt={dt} differs from the dt={stored} the graph was exported with")
-    return import_from_nir(graph, dt=dt, device=str(device), dtype=dtype, step_mode="s")
+    graph_module = import_from_nir(graph, dt=dt, device=str(device), dtype=dtype,
+                                   step_mode="s")
+    return lif_as_product(graph_module) if multiply_lif else graph_module
 
 
 def neuron_modules(graph_module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -319,3 +324,225 @@ def compare(model: nn.Module, graph_module: nn.Module, images: Tensor) -> RoundT
     out = rate(got.outputs)
     diff = float((out - ref.outputs).abs().max()) if out.shape == ref.outputs.shape else np.inf
     return RoundTrip(mismatches, spikes, torch.equal(out, ref.outputs), diff)
+
+
+# ----------------------------------------------------------------------------- generic pieces
+# Building blocks for exporting other single-step networks (see sewcommon/nir_export.py):
+#
+# * eval BatchNorm2d -> a separate diagonal 1x1 ``nn.Conv2d`` (NIR has no normalisation node;
+#   folding it into the preceding convolution would change the quantized weights);
+# * max-pooling over small non-negative integers -> stateless threshold neurons around an
+#   ``AvgPool2d`` (NIR has no max-pool node);
+# * spikingjelly's ``ParametricLIFNode`` -> ``nir.LIF`` (``tau = dt / sigmoid(w)``, ``r = 1``);
+# * element-wise addition -> two edges into the consumer (NIR sums a node's inputs).
+
+FP32_UNIT = 2.0**-24  # unit roundoff of float32
+
+
+def node_name(qualname: str) -> str:
+    """The NIR node name :func:`export` gives the submodule ``qualname`` (``a.0.b`` -> ``a_0_b``)."""
+    return qualname.replace(".", "_")
+
+
+def bn_as_conv(name: str, bn: nn.Module) -> nn.Conv2d:
+    """Eval-mode ``BatchNorm2d`` as a 1x1 ``nn.Conv2d`` with diagonal weight ``A = gamma /
+    sqrt(var + eps)`` and bias ``B = beta - mean * A``.
+
+    ``A`` and ``B`` are rounded as torch's CPU kernel rounds them; of the usual roundings the
+    one that reproduces ``bn`` bitwise on a probe spanning six decades is kept (the caller's
+    end-to-end comparison remains the judge)."""
+    import torch.nn.functional as F
+
+    kind = type(bn).__name__
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): expected BatchNorm2d")
+    if bn.running_mean is None or bn.running_var is None:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): without running "
+                             "statistics it normalises with batch statistics")
+    c = bn.num_features
+    ref = dict(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones(c, **ref)
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(c, **ref)
+    mean, var = bn.running_mean.detach(), bn.running_var.detach()
+    std = (var + bn.eps).sqrt()
+    scales = [gamma * (1.0 / std), gamma * torch.rsqrt(var + bn.eps), gamma / std]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(6, c, 8, 8, generator=generator) * torch.logspace(-2, 3, 6).view(-1, 1, 1, 1)
+    probe = probe.to(**ref) + mean.view(1, -1, 1, 1)
+    want = F.batch_norm(probe, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    best: tuple[int, nn.Conv2d] | None = None
+    for a in scales:
+        for b in (beta - mean * a, (beta.double() - mean.double() * a.double()).to(beta.dtype)):
+            conv = nn.Conv2d(c, c, 1, bias=True).to(**ref).requires_grad_(False)
+            conv.weight.zero_()
+            conv.weight[range(c), range(c), 0, 0] = a
+            conv.bias.copy_(b)
+            bad = int((conv(probe) != want).sum())
+            if best is None or bad < best[0]:
+                best = (bad, conv)
+            if not bad:
+                return conv
+    return best[1]
+
+
+def step_neuron(threshold: float) -> nn.Module:
+    """A stateless Heaviside ``y = (x >= threshold)``: spikingjelly's ``CUBALIFNode`` with no
+    current or voltage decay, exported as ``nir.CubaLIF(tau_syn = tau_mem = dt)``."""
+    from spikingjelly.activation_based import neuron
+
+    return neuron.CUBALIFNode(c_decay=0.0, v_decay=0.0, v_threshold=float(threshold),
+                              v_reset=0.0)
+
+
+class IntegerMaxPool2d(nn.Module):
+    """``MaxPool2d(kernel, stride)`` of maps holding integers in ``[0, levels]``, built from
+    NIR nodes: ``max = sum_j any_window(x >= j)``, each ``x >= j`` a step neuron at ``j - 1/2``
+    and each ``any`` an ``AvgPool2d`` followed by a step neuron at half of ``1 / kernel**2``.
+    The thresholds lie half-way between attainable values, so ``>=`` and ``>`` agree."""
+
+    def __init__(self, kernel: int, stride: int, levels: int) -> None:
+        super().__init__()
+        self.levels = int(levels)
+        # 0/1 inputs need no level neuron
+        self.level = nn.ModuleList([step_neuron(j - 0.5) for j in range(1, levels + 1)]
+                                   if levels > 1 else [])
+        self.pool = nn.ModuleList([nn.AvgPool2d(kernel, stride) for _ in range(levels)])
+        self.any = nn.ModuleList([step_neuron(0.5 / kernel**2) for _ in range(levels)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = None
+        for j in range(self.levels):
+            y = self.any[j](self.pool[j](self.level[j](x) if self.levels > 1 else x))
+            out = y if out is None else out + y
+        return out
+
+
+def integer_max_pool(name: str, pool: nn.Module, levels: int | None) -> IntegerMaxPool2d:
+    """:class:`IntegerMaxPool2d` for ``pool`` (an ``nn.MaxPool2d`` without padding) over maps
+    holding integers in ``[0, levels]`` (``None``: not known to be such integers)."""
+    kind = type(pool).__name__
+
+    def pair(v) -> tuple[int, int]:
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    problem = None
+    if not isinstance(pool, nn.MaxPool2d):
+        problem = "NIR has no node for it"
+    elif levels is None or levels < 1:
+        problem = "max-pooling maps only integer spike counts, and its input is analog"
+    else:
+        k, s = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+        if k[0] != k[1] or s[0] != s[1]:
+            problem = "non-square kernel or stride"
+        elif pair(pool.padding) != (0, 0) or pair(pool.dilation) != (1, 1) or pool.ceil_mode:
+            problem = "padding, dilation or ceil_mode"
+    if problem:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): {problem}")
+    return IntegerMaxPool2d(pair(pool.kernel_size)[0], pair(pool.stride or pool.kernel_size)[0],
+                            levels)
+
+
+def plif_neuron(name: str, plif: nn.Module) -> nn.Module:
+    """A single-step copy of a spikingjelly ``ParametricLIFNode`` (exported as ``nir.LIF`` with
+    ``tau = dt / sigmoid(w)``, ``r = 1``, hard reset)."""
+    from spikingjelly.activation_based import neuron
+
+    kind = type(plif).__name__
+    if type(plif) is not neuron.ParametricLIFNode:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): expected "
+                             "ParametricLIFNode")
+    q = float(plif.w.detach().float().sigmoid())
+    problem = None
+    if plif.v_reset is None:
+        problem = "soft reset (NIR's LIF resets to v_reset)"
+    elif not 0.0 < q < 1.0:
+        problem = f"sigmoid(w) = {q} (tau = dt / sigmoid(w) must exceed dt)"
+    if problem:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): {problem}")
+    copy = neuron.ParametricLIFNode(init_tau=2.0, decay_input=plif.decay_input,
+                                    v_threshold=float(plif.v_threshold),
+                                    v_reset=float(plif.v_reset), step_mode="s")
+    with torch.no_grad():
+        copy.w.copy_(plif.w.detach())
+    return copy.to(plif.w.device).requires_grad_(False)
+
+
+def export(
+    module: nn.Module,
+    example: Tensor,
+    path: str | None = None,
+    dt: float = DEFAULT_DT,
+    metadata: dict[str, Any] | None = None,
+) -> nir.NIRGraph:
+    """Export a single-step module built from NIR-mappable layers (``nn.Conv2d``,
+    ``nn.Linear``, ``nn.AvgPool2d``, ``nn.Flatten``, spikingjelly IF/LIF/PLIF/CUBALIF neurons,
+    ``+``) with spikingjelly's ``export_to_nir``; ``example``: one step's input batch (only its
+    shape is used).  ``dt`` and ``metadata`` go into ``graph.metadata``; the graph is written
+    atomically to ``path`` if given."""
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    if not dt > 0:
+        raise NIRExportError(f"cannot export with dt={dt}: it must be positive")
+    module = module.eval()
+    try:
+        with torch.no_grad():
+            graph = export_to_nir(module, example.detach(), dt=dt)
+    except (KeyError, NotImplementedError, ValueError, TypeError) as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, type):
+            detail = f"NIR has no node for {detail.__name__}"
+        raise NIRExportError(f"cannot export {type(module).__name__}: {detail}") from None
+    graph.metadata = {"dt": float(dt), **(metadata or {})}
+    if path is not None:
+        save(graph, path)
+    return graph
+
+
+def _sigmoid_preimage(q: Tensor) -> Tensor | None:
+    """A float32 ``w`` with ``sigmoid(w) == q`` bitwise, or None."""
+    w = torch.log(q.double() / (1 - q.double())).float()
+    up, down = w.clone(), w.clone()
+    for _ in range(64):
+        for c in (up, down):
+            if torch.equal(c.sigmoid(), q):
+                return c
+        up = torch.nextafter(up, torch.tensor(np.inf, dtype=up.dtype))
+        down = torch.nextafter(down, torch.tensor(-np.inf, dtype=down.dtype))
+    return None
+
+
+def lif_as_product(graph_module: nn.Module) -> nn.Module:
+    """Replace every imported ``LIFNode`` (``h = v + (x - v) / tau``) whose ``fl32(1 / tau)`` is
+    a sigmoid value by a ``ParametricLIFNode`` computing ``h = v + (x - v) * fl32(dt / tau)``.
+
+    Both are forward-Euler steps of NIR's LIF; the product is the PLIF update, which the
+    quotient matches only where ``fl32((x - v) / tau) == fl32((x - v) * q)``.  Others stay."""
+    from spikingjelly.activation_based import neuron
+
+    for _, wrapper in neuron_modules(graph_module):
+        lif = wrapper.module
+        if type(lif) is not neuron.LIFNode or lif.v_reset is None:
+            continue
+        q = torch.tensor(1.0 / float(lif.tau), dtype=torch.float32)
+        w = _sigmoid_preimage(q)
+        if w is None:
+            continue
+        plif = neuron.ParametricLIFNode(init_tau=2.0, decay_input=lif.decay_input,
+                                        v_threshold=float(lif.v_threshold),
+                                        v_reset=float(lif.v_reset), step_mode="s")
+        with torch.no_grad():
+            plif.w.copy_(w)
+        device = next((t.device for t in graph_module.parameters()), torch.device("cpu"))
+        wrapper.module = plif.to(device).requires_grad_(False)
+    return graph_module
+
+
+def affine_mean_bound(weight: Tensor, bias: Tensor | None, features: Tensor) -> Tensor:
+    """Bound on ``|mean_t(W x_t + b) - (W mean_t(x_t) + b)|`` in float32, ``features`` ``[T,
+    N, n]``: both sides are within ``(n + T + 2) u (|W| max_t|x_t| + |b|)`` of the exact value
+    (recursive-summation error bound, ``u = 2**-24``), so they differ by at most twice that."""
+    t, n = features.shape[0], features.shape[-1]
+    scale = features.abs().amax(0).double() @ weight.detach().abs().double().t()
+    if bias is not None:
+        scale = scale + bias.detach().abs().double()
+    return (2 * (n + t + 2) * FP32_UNIT * scale).to(features.dtype)
