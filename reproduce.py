@@ -8,9 +8,11 @@ checkpoints are present, otherwise say exactly what is missing and how to produc
 
 Each row runs in ``<root>/<pipeline folder>`` (where the scripts look for ``./datasets`` and
 ``./trained_params``); the result table is printed and written to ``--out`` (markdown).
-Accuracy, CFS and weight memory are read from the evaluation's output; the weight memory is
-``cbp.export.weight_memory_mbit`` of the evaluated model, i.e. the size of its packed export's
-weights (quantized layers at 1 / 2 / 3 bits, first and last layer at 32 bits).
+Accuracy, CFS, weight memory, SynOps and the energy estimate per test sample are read from the
+evaluation's output; the weight memory is ``cbp.export.weight_memory_mbit`` of the evaluated
+model, i.e. the size of its packed export's weights (quantized layers at 1 / 2 / 3 bits, first
+and last layer at 32 bits); SynOps and energy are ``cbp.metrics``' (45 nm: 0.9 pJ per
+accumulate, 4.6 pJ per multiply-accumulate).
 """
 
 from __future__ import annotations

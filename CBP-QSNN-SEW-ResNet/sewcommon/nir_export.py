@@ -19,6 +19,7 @@ PLIF layer ``conv.1.conv.0.1`` becomes the NIR node ``conv_1_conv_0_plif``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -167,8 +168,11 @@ def to_single_step(net: nn.Module) -> SingleStep:
             raise ne.NIRExportError(f"cannot export layer '{name}' ({kind}): NIR has no node "
                                     "for it")
         parts.append(part)
-        for orig, new in zip(_plif_names(name, m), _plif_names(name, part)):
-            plif_nodes[orig] = ne.node_name(new)
+        olds, news = _plif_names(name, m), _plif_names(name, part)
+        if len(olds) != len(news):
+            raise ne.NIRExportError(f"cannot export layer '{name}' ({kind}): it holds "
+                                    f"{len(olds)} PLIF layers, the rebuilt one {len(news)}")
+        plif_nodes.update((o, ne.node_name(n)) for o, n in zip(olds, news))
     if features is None:
         raise ne.NIRExportError(f"cannot export {type(net).__name__}: no Flatten before 'out'")
     out = ne.plain_layer("out", net.out)
@@ -194,7 +198,8 @@ def export(net: nn.Module, frames: Tensor, path: str | None = None,
     return graph
 
 
-def load(source, device: str | torch.device = "cpu") -> nn.Module:
+def load(source: str | os.PathLike | bytes | nir.NIRGraph,
+         device: str | torch.device = "cpu") -> nn.Module:
     """Import an exported 7B-Net graph with spikingjelly, PLIF nodes integrating by product."""
     return ne.load(source, device=device, multiply_lif=True)
 
@@ -205,6 +210,7 @@ class RoundTrip:
 
     mismatches: dict[str, int]  # differing spikes per PLIF layer (over all steps)
     spikes: dict[str, int]  # spikes of the network per PLIF layer (over all steps)
+    outputs: dict[str, int]  # neuron outputs per PLIF layer (neurons x samples x steps)
     features_equal: bool  # the output layer's inputs at every step
     max_logit_diff: float
     logits_within_bound: bool  # |diff| <= affine_mean_bound everywhere
@@ -242,19 +248,19 @@ def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTri
         got = ne.record(graph_module, [frames[:, t] for t in range(frames.shape[1])])
     finally:
         hook.remove()
-    mismatches, spikes = {}, {}
+    mismatches, spikes, outputs = {}, {}, {}
     for orig, node in single.plif_nodes.items():
         s, g = ref[orig], got.spikes.get(node)
-        spikes[orig] = int(s.sum())
+        spikes[orig], outputs[orig] = int(s.sum()), s.numel()
         mismatches[orig] = (int((s != g).sum()) if g is not None and g.shape == s.shape
                             else s.numel())
     features = torch.stack(steps) if steps else torch.empty(0)
     graph_logits = got.outputs.mean(0)
     if graph_logits.shape != logits.shape:
-        return RoundTrip(mismatches, spikes, False, float("inf"), False, float("nan"))
+        return RoundTrip(mismatches, spikes, outputs, False, float("inf"), False, float("nan"))
     bound = ne.affine_mean_bound(net.out.weight, net.out.bias, features)
     diff = (graph_logits - logits).abs()
-    return RoundTrip(mismatches, spikes,
+    return RoundTrip(mismatches, spikes, outputs,
                      features.shape == ref["features"].shape and torch.equal(features,
                                                                             ref["features"]),
                      float(diff.max()), bool((diff <= bound).all()), float(bound.max()),

@@ -211,7 +211,7 @@ def load(
 
     ``dt`` defaults to the one stored in the graph's metadata (else 1e-4); a different ``dt``
     would silently rescale every time constant, so a mismatch is an error.
-    ``multiply_lif``: integrate ``nir.LIF`` nodes by multiplying with ``dt / tau`` (see
+    ``multiply_lif``: ``nir.LIF`` nodes integrate by multiplying with ``dt / tau`` (see
     :func:`lif_as_product`) instead of dividing by ``tau / dt``.
     """
     from spikingjelly.activation_based.nir_exchange import import_from_nir
@@ -348,9 +348,9 @@ def bn_as_conv(name: str, bn: nn.Module) -> nn.Conv2d:
     """Eval-mode ``BatchNorm2d`` as a 1x1 ``nn.Conv2d`` with diagonal weight ``A = gamma /
     sqrt(var + eps)`` and bias ``B = beta - mean * A``.
 
-    ``A`` and ``B`` are rounded as torch's CPU kernel rounds them; of the usual roundings the
-    one that reproduces ``bn`` bitwise on a probe spanning six decades is kept (the caller's
-    end-to-end comparison remains the judge)."""
+    Of the usual float32 roundings of ``A`` and ``B``, the first that reproduces ``bn`` bitwise
+    on a probe spanning five decades is kept (else the closest; the caller's end-to-end
+    comparison remains the judge)."""
     import torch.nn.functional as F
 
     kind = type(bn).__name__
@@ -366,22 +366,25 @@ def bn_as_conv(name: str, bn: nn.Module) -> nn.Conv2d:
     mean, var = bn.running_mean.detach(), bn.running_var.detach()
     std = (var + bn.eps).sqrt()
     scales = [gamma * (1.0 / std), gamma * torch.rsqrt(var + bn.eps), gamma / std]
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    probe = torch.randn(6, c, 8, 8, generator=generator) * torch.logspace(-2, 3, 6).view(-1, 1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(6, c, 8, 8, generator=generator) * torch.logspace(-2, 3, 6).view(
+        -1, 1, 1, 1)
     probe = probe.to(**ref) + mean.view(1, -1, 1, 1)
     want = F.batch_norm(probe, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
     best: tuple[int, nn.Conv2d] | None = None
-    for a in scales:
-        for b in (beta - mean * a, (beta.double() - mean.double() * a.double()).to(beta.dtype)):
-            conv = nn.Conv2d(c, c, 1, bias=True).to(**ref).requires_grad_(False)
-            conv.weight.zero_()
-            conv.weight[range(c), range(c), 0, 0] = a
-            conv.bias.copy_(b)
-            bad = int((conv(probe) != want).sum())
-            if best is None or bad < best[0]:
-                best = (bad, conv)
-            if not bad:
-                return conv
+    with torch.no_grad():
+        for a in scales:
+            for b in (beta - mean * a,
+                      (beta.double() - mean.double() * a.double()).to(beta.dtype)):
+                conv = nn.Conv2d(c, c, 1, bias=True).to(**ref).requires_grad_(False)
+                conv.weight.zero_()
+                conv.weight[range(c), range(c), 0, 0] = a
+                conv.bias.copy_(b)
+                bad = int((conv(probe) != want).sum())
+                if not bad:
+                    return conv
+                if best is None or bad < best[0]:
+                    best = (bad, conv)
     return best[1]
 
 
@@ -397,13 +400,13 @@ def step_neuron(threshold: float) -> nn.Module:
 class IntegerMaxPool2d(nn.Module):
     """``MaxPool2d(kernel, stride)`` of maps holding integers in ``[0, levels]``, built from
     NIR nodes: ``max = sum_j any_window(x >= j)``, each ``x >= j`` a step neuron at ``j - 1/2``
-    and each ``any`` an ``AvgPool2d`` followed by a step neuron at half of ``1 / kernel**2``.
+    and each ``any`` an ``AvgPool2d`` followed by a step neuron at ``1 / (2 kernel**2)``.
     The thresholds lie half-way between attainable values, so ``>=`` and ``>`` agree."""
 
     def __init__(self, kernel: int, stride: int, levels: int) -> None:
         super().__init__()
         self.levels = int(levels)
-        # 0/1 inputs need no level neuron
+        # 0/1 maps need no level neuron
         self.level = nn.ModuleList([step_neuron(j - 0.5) for j in range(1, levels + 1)]
                                    if levels > 1 else [])
         self.pool = nn.ModuleList([nn.AvgPool2d(kernel, stride) for _ in range(levels)])
@@ -419,7 +422,7 @@ class IntegerMaxPool2d(nn.Module):
 
 def integer_max_pool(name: str, pool: nn.Module, levels: int | None) -> IntegerMaxPool2d:
     """:class:`IntegerMaxPool2d` for ``pool`` (an ``nn.MaxPool2d`` without padding) over maps
-    holding integers in ``[0, levels]`` (``None``: not known to be such integers)."""
+    holding integers in ``[0, levels]`` (``None``: not known to hold such integers)."""
     kind = type(pool).__name__
 
     def pair(v) -> tuple[int, int]:
@@ -429,7 +432,7 @@ def integer_max_pool(name: str, pool: nn.Module, levels: int | None) -> IntegerM
     if not isinstance(pool, nn.MaxPool2d):
         problem = "NIR has no node for it"
     elif levels is None or levels < 1:
-        problem = "max-pooling maps only integer spike counts, and its input is analog"
+        problem = "max-pooling maps only to integer spike counts, and its input is analog"
     else:
         k, s = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
         if k[0] != k[1] or s[0] != s[1]:
@@ -459,12 +462,12 @@ def plif_neuron(name: str, plif: nn.Module) -> nn.Module:
         problem = f"sigmoid(w) = {q} (tau = dt / sigmoid(w) must exceed dt)"
     if problem:
         raise NIRExportError(f"cannot export layer '{name}' ({kind}): {problem}")
-    copy = neuron.ParametricLIFNode(init_tau=2.0, decay_input=plif.decay_input,
-                                    v_threshold=float(plif.v_threshold),
-                                    v_reset=float(plif.v_reset), step_mode="s")
+    single = neuron.ParametricLIFNode(init_tau=2.0, decay_input=plif.decay_input,
+                                      v_threshold=float(plif.v_threshold),
+                                      v_reset=float(plif.v_reset), step_mode="s")
     with torch.no_grad():
-        copy.w.copy_(plif.w.detach())
-    return copy.to(plif.w.device).requires_grad_(False)
+        single.w.copy_(plif.w.detach())
+    return single.to(plif.w.device).requires_grad_(False)
 
 
 def export(
@@ -513,18 +516,19 @@ def _sigmoid_preimage(q: Tensor) -> Tensor | None:
 
 def lif_as_product(graph_module: nn.Module) -> nn.Module:
     """Replace every imported ``LIFNode`` (``h = v + (x - v) / tau``) whose ``fl32(1 / tau)`` is
-    a sigmoid value by a ``ParametricLIFNode`` computing ``h = v + (x - v) * fl32(dt / tau)``.
+    a float32 sigmoid value by a ``ParametricLIFNode`` computing ``h = v + (x - v) * q``,
+    ``q = fl32(dt / tau_nir)``; other neurons stay.
 
     Both are forward-Euler steps of NIR's LIF; the product is the PLIF update, which the
-    quotient matches only where ``fl32((x - v) / tau) == fl32((x - v) * q)``.  Others stay."""
+    quotient reproduces only where ``fl32((x - v) / tau) == fl32((x - v) * q)``."""
     from spikingjelly.activation_based import neuron
 
+    device = next((t.device for t in graph_module.parameters()), torch.device("cpu"))
     for _, wrapper in neuron_modules(graph_module):
         lif = wrapper.module
         if type(lif) is not neuron.LIFNode or lif.v_reset is None:
             continue
-        q = torch.tensor(1.0 / float(lif.tau), dtype=torch.float32)
-        w = _sigmoid_preimage(q)
+        w = _sigmoid_preimage(torch.tensor(1.0 / float(lif.tau), dtype=torch.float32))
         if w is None:
             continue
         plif = neuron.ParametricLIFNode(init_tau=2.0, decay_input=lif.decay_input,
@@ -532,15 +536,15 @@ def lif_as_product(graph_module: nn.Module) -> nn.Module:
                                         v_reset=float(lif.v_reset), step_mode="s")
         with torch.no_grad():
             plif.w.copy_(w)
-        device = next((t.device for t in graph_module.parameters()), torch.device("cpu"))
         wrapper.module = plif.to(device).requires_grad_(False)
     return graph_module
 
 
 def affine_mean_bound(weight: Tensor, bias: Tensor | None, features: Tensor) -> Tensor:
     """Bound on ``|mean_t(W x_t + b) - (W mean_t(x_t) + b)|`` in float32, ``features`` ``[T,
-    N, n]``: both sides are within ``(n + T + 2) u (|W| max_t|x_t| + |b|)`` of the exact value
-    (recursive-summation error bound, ``u = 2**-24``), so they differ by at most twice that."""
+    N, n]`` -> ``[N, out]``: each side is within ``(n + T + 2) u (|W| max_t|x_t| + |b|)`` of
+    the exact value (the recursive-summation error bound, ``u = 2**-24``), so they differ by at
+    most twice that."""
     t, n = features.shape[0], features.shape[-1]
     scale = features.abs().amax(0).double() @ weight.detach().abs().double().t()
     if bias is not None:
