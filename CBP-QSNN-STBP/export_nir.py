@@ -19,7 +19,7 @@ import argparse
 from cbp import MODES, nir_export
 from cbp import distributed as D
 from cbp.checkpoint import load_into
-from cbp.runtime import UserError, run_main, seed_everything
+from cbp.runtime import run_main, seed_everything
 
 import engine
 from model import Conv_SNN
@@ -73,18 +73,10 @@ def main(argv=None) -> None:
     images, _ = next(iter(test_dl))
     images = images.to(device)
 
-    try:
-        graph = nir_export.export_stbp(model, images, dt=args.dt)
-    except nir_export.NIRExportError as exc:
-        raise UserError(str(exc)) from None
-    data = nir_export.to_bytes(graph)  # check exactly what will be written
-    result = nir_export.compare(model, nir_export.load(data, device=device), images)
-    if not result.exact:
-        bad = {k: v for k, v in result.mismatches.items() if v}
-        raise UserError(f"round trip differs from the network on the first test batch "
-                        f"(mismatching spikes per layer: {bad}, output max |diff| "
-                        f"{result.max_output_diff:.3g}); {out} not written")
-    nir_export.save(data, out)
+    result = nir_export.write_checked(
+        lambda: nir_export.export_stbp(model, images, dt=args.dt),
+        lambda data: nir_export.compare(model, nir_export.load(data, device=device), images),
+        out)
     print(f"exported {out} ({args.quant}, T={args.T}, dt={args.dt:g}): round trip exact on "
           f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} layers "
           f"({sum(result.spikes.values())} spikes), outputs equal")

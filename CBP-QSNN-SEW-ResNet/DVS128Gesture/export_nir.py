@@ -30,7 +30,7 @@ from sewcommon import nir_export as sne  # noqa: E402
 from cbp import MODES  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
 from cbp.checkpoint import load_into  # noqa: E402
-from cbp.runtime import UserError, positive_float, require_file, run_main  # noqa: E402
+from cbp.runtime import positive_float, require_file, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,19 +91,9 @@ def main(argv=None) -> None:
     frames = next(iter(loader))[0].to(device)  # the first batch of the --test-only evaluation
     n = frames.shape[0]
 
-    try:
-        graph = sne.export(model, frames, dt=args.dt)
-    except ne.NIRExportError as exc:
-        raise UserError(str(exc)) from None
-    blob = ne.to_bytes(graph)  # check exactly what will be written
-    result = sne.compare(model, sne.load(blob, device=device), frames)
-    if not result.exact:
-        bad = {k: v for k, v in result.mismatches.items() if v}
-        raise UserError(
-            f"round trip differs from the network on the first test batch (mismatching spikes "
-            f"per PLIF layer: {bad}, output-layer inputs equal: {result.features_equal}, "
-            f"logits max |diff| {result.max_logit_diff:.3g} > bound); {out} not written")
-    ne.save(blob, out)
+    result = ne.write_checked(lambda: sne.export(model, frames, dt=args.dt),
+                              lambda blob: sne.compare(model, sne.load(blob, device=device),
+                                                       frames), out)
     print(f"exported {out} ({args.model} {args.quant}, T={args.T}, dt={args.dt:g}): round trip "
           f"exact on {n} test samples, spikes identical in all {len(result.spikes)} PLIF layers "
           f"({sum(result.spikes.values())} spikes), logits max |diff| "

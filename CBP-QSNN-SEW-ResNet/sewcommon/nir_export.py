@@ -222,6 +222,12 @@ class RoundTrip:
         return (self.features_equal and self.logits_within_bound
                 and not any(self.mismatches.values()))
 
+    def problem(self) -> str:
+        bad = {k: v for k, v in self.mismatches.items() if v}
+        return (f"mismatching spikes per PLIF layer: {bad}, output-layer inputs equal: "
+                f"{self.features_equal}, logits max |diff| {self.max_logit_diff:.3g} "
+                f"(bound {self.bound:.3g})")
+
 
 @torch.no_grad()
 def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTrip:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -173,6 +173,27 @@ def export_stbp(
     return graph
 
 
+def write_checked(make_graph: Callable[[], nir.NIRGraph], check: Callable[[bytes], Any],
+                  path: str) -> Any:
+    """Export with ``make_graph()``, check the exact bytes that would be written with
+    ``check(data)`` (a result with ``exact`` and ``problem()``, e.g. a round trip on test
+    inputs) and write ``path`` (atomically) only if it is exact.  Returns the check's result;
+    an export error or a failed check is one ``UserError`` line and nothing is written."""
+    from .runtime import UserError
+
+    try:
+        graph = make_graph()
+    except NIRExportError as exc:
+        raise UserError(str(exc)) from None
+    data = to_bytes(graph)
+    result = check(data)
+    if not result.exact:
+        raise UserError(f"round trip differs from the network on the first test batch "
+                        f"({result.problem()}); {path} not written")
+    save(data, path)
+    return result
+
+
 def to_bytes(graph: nir.NIRGraph) -> bytes:
     """The NIR (HDF5) file contents of ``graph``."""
     import nir
@@ -307,6 +328,11 @@ class RoundTrip:
     @property
     def exact(self) -> bool:
         return self.outputs_equal and not any(self.mismatches.values())
+
+    def problem(self) -> str:
+        bad = {k: v for k, v in self.mismatches.items() if v}
+        return (f"mismatching spikes per layer: {bad}, output max |diff| "
+                f"{self.max_output_diff:.3g}")
 
 
 @torch.no_grad()
