@@ -89,13 +89,27 @@ def spike_counts(x: Tensor, amplitude: float | None = None) -> Tensor | None:
 
 def _bit_planes(k: Tensor) -> list[tuple[int, Tensor]]:
     """``k = sum_b 2**b * plane_b`` with binary planes, for the non-empty planes."""
-    out, top = [], int(k.max().item()) if k.numel() else 0
-    ki = k.to(torch.int64)
-    for b in range(max(top, 1).bit_length()):
+    top = int(k.max().item()) if k.numel() else 0
+    if top <= 1:  # already binary (the common case)
+        return [(1, k)] if top == 1 else []
+    out, ki = [], k.to(torch.int64)
+    for b in range(top.bit_length()):
         plane = ((ki >> b) & 1).to(torch.float32)
         if bool(plane.any()):
             out.append((1 << b, plane))
     return out
+
+
+_LAST: list = [None, -1, None]  # (input tensor, its version, spike_counts of it)
+
+
+def _input_counts(x: Tensor) -> Tensor | None:
+    """``spike_counts(x)``, computed once for the SynOp and MAC rules of the same op."""
+    if _LAST[0] is x and _LAST[1] == x._version:
+        return _LAST[2]
+    k = spike_counts(x)
+    _LAST[:] = [x, x._version, k]
+    return k
 
 
 def _analog_weight(args: tuple, pos: int) -> tuple:
@@ -114,7 +128,7 @@ def _counts_as_spikes(rule: Callable, pos: int) -> Callable:
     inputs cost no SynOps."""
 
     def counted(args, kwargs, out):
-        k = spike_counts(args[pos])
+        k = _input_counts(args[pos])
         if k is None:
             return 0
         args = _analog_weight(args, pos + 1)
@@ -132,7 +146,7 @@ def _analog_only(rule: Callable, pos: int) -> Callable:
     """A MAC rule that costs nothing when the layer input is a spike (count) tensor."""
 
     def counted(args, kwargs, out):
-        if spike_counts(args[pos]) is not None:
+        if _input_counts(args[pos]) is not None:
             return 0
         return rule(_analog_weight(args, pos + 1), kwargs, out)
 
@@ -332,6 +346,7 @@ class SpikeProfiler:
             self.samples += int(args[0].shape[self.batch_dim])
 
     def __exit__(self, *exc) -> None:
+        _LAST[:] = [None, -1, None]
         dispatch_mode, module_mode = self._modes
         if self._hook is not None:
             self._hook.remove()
