@@ -170,12 +170,12 @@ def test_failed_write_keeps_the_existing_file(exported, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.nir"]
 
 
-def test_a_round_trip_that_differs_writes_nothing(exported, images, tmp_path):
+def test_a_round_trip_that_differs_writes_nothing(images, tmp_path):
     """A graph whose spikes differ (the plain threshold, on inputs that hit it exactly, or here
     a perturbed weight) is refused with one line; the existing file stays as it was."""
     from cbp.runtime import UserError
 
-    quant, model, graph, _ = exported
+    model = build("ter", 0.8)
     target = tmp_path / "net.nir"
     target.write_bytes(b"old")
     other = copy.deepcopy(model)
@@ -187,7 +187,7 @@ def test_a_round_trip_that_differs_writes_nothing(exported, images, tmp_path):
     assert target.read_bytes() == b"old"
     result = ne.write_checked(lambda: ne.export_stbp(model, images),
                               lambda data: ne.compare(model, ne.load(data), images), str(target))
-    assert result.exact and ne.read(str(target)).nodes.keys() == graph.nodes.keys()
+    assert result.exact and set(ne.read(str(target)).nodes) >= {f"{n}_lif" for n in LAYERS}
 
 
 def test_script_end_to_end(tmp_path, images):
