@@ -254,12 +254,8 @@ def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTri
         got = ne.record(graph_module, [frames[:, t] for t in range(frames.shape[1])])
     finally:
         hook.remove()
-    mismatches, spikes, outputs = {}, {}, {}
-    for orig, node in single.plif_nodes.items():
-        s, g = ref[orig], got.spikes.get(node)
-        spikes[orig], outputs[orig] = int(s.sum()), s.numel()
-        mismatches[orig] = (int((s != g).sum()) if g is not None and g.shape == s.shape
-                            else s.numel())
+    mismatches, spikes = ne.spike_mismatches(ref, got.spikes, single.plif_nodes)
+    outputs = {orig: ref[orig].numel() for orig in single.plif_nodes}
     features = torch.stack(steps) if steps else torch.empty(0)
     graph_logits = got.outputs.mean(0)
     if graph_logits.shape != logits.shape:

@@ -275,10 +275,6 @@ class SpikeReport:
         """Estimated energy per sample in microjoules."""
         return (self.synops * self.e_ac_pj + self.macs * self.e_mac_pj) * 1e-6
 
-    @property
-    def mean_rate(self) -> float:
-        return sum(self.rates.values()) / len(self.rates) if self.rates else float("nan")
-
     def lines(self) -> list[str]:
         """The lines the evaluation commands print."""
         rates = ", ".join(f"{n} {r:.4f}" for n, r in self.rates.items()) or "none"
@@ -289,10 +285,6 @@ class SpikeReport:
             f"{ENERGY_SOURCE})",
         ]
 
-    def as_dict(self) -> dict:
-        return {"samples": self.samples, "synops": self.synops, "macs": self.macs,
-                "energy_uj": self.energy_uj, "rates": dict(self.rates)}
-
 
 class SpikeProfiler:
     """Counts what ``model`` does inside ``with`` (any number of forward passes).
@@ -300,7 +292,7 @@ class SpikeProfiler:
     ``neurons`` registers spiking module types (see ``FiringCounter``), ``layers`` registers
     ``LayerOpCounter`` rules ``{type: fn -> (synops, macs)}``, ``ignore`` adds module types
     the dispatch counters skip.  Samples are counted from dimension ``batch_dim`` of the
-    model's first input (``None``: call ``add_samples(n)`` per batch); then ``report()``.
+    model's first input; then ``report()``.
     ``scope`` is the module tree whose modules are hooked and named (default ``model``; pass
     a container of the layers of a model that keeps them in a plain list).
     """
@@ -308,12 +300,11 @@ class SpikeProfiler:
     def __init__(self, model: nn.Module, *,
                  neurons: Neurons = (),
                  layers: Mapping[type[nn.Module], Callable] | None = None,
-                 ignore: Iterable[type[nn.Module]] = (), batch_dim: int | None = 0,
+                 ignore: Iterable[type[nn.Module]] = (), batch_dim: int = 0,
                  scope: nn.Module | None = None) -> None:
         self.model = model
         self.scope = model if scope is None else scope
         self.batch_dim = batch_dim
-        self._hook = None
         layers = dict(layers or {})
         skip = [nn.modules.batchnorm._BatchNorm, *ignore, *layers]
         self.synops = synop_counter(skip)
@@ -322,9 +313,6 @@ class SpikeProfiler:
         self.layers = LayerOpCounter(layers)
         self.samples = 0
         self._modes: list = []
-
-    def add_samples(self, n: int) -> None:
-        self.samples += int(n)
 
     def __enter__(self) -> SpikeProfiler:
         module_mode = ModuleCounterMode(
@@ -337,8 +325,7 @@ class SpikeProfiler:
             module_mode.__exit__(None, None, None)
             raise
         self._modes = [dispatch_mode, module_mode]
-        if self.batch_dim is not None:
-            self._hook = self.model.register_forward_pre_hook(self._count_batch)
+        self._hook = self.model.register_forward_pre_hook(self._count_batch)
         return self
 
     def _count_batch(self, module: nn.Module, args: tuple) -> None:
@@ -348,9 +335,7 @@ class SpikeProfiler:
     def __exit__(self, *exc) -> None:
         _LAST[:] = [None, -1, None]
         dispatch_mode, module_mode = self._modes
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._hook.remove()
         try:
             dispatch_mode.__exit__(*exc)
         finally:
@@ -366,28 +351,26 @@ class SpikeProfiler:
             "macs": float(self.macs.get_total() + self.layers.macs["Global"]),
         }
         scopes = {k: sum(v.values()) for k, v in self.firing.get_counts().items()}
-        leaves = _leaf_scopes(set(scopes))
-        for scope in sorted(leaves, key=self._order):
+        order = {root + n: i for i, (n, _) in enumerate(self.scope.named_modules())}
+        for scope in sorted(_leaf_scopes(set(scopes)), key=lambda s: order.get(s, len(order))):
             name = scope[len(root):]
             out[f"spikes:{name}"] = float(scopes[scope])
             out[f"slots:{name}"] = float(self.firing.slots[scope])
         return out
 
-    def _order(self, scope: str) -> int:
-        names = [type(self.scope).__name__ + ("." + n if n else "")
-                 for n, _ in self.scope.named_modules()]
-        return names.index(scope) if scope in names else len(names)
-
-    def report(self, totals: dict[str, float] | None = None) -> SpikeReport:
-        """The per-sample report, from ``totals()`` or from already reduced totals."""
-        t = self.totals() if totals is None else totals
-        return report_from_totals(t)
+    def report(self) -> SpikeReport:
+        """The per-sample report of this process's counts."""
+        return report_from_totals(self.totals())
 
 
 def report_from_totals(t: dict[str, float]) -> SpikeReport:
+    """The per-sample report of (possibly reduced) ``SpikeProfiler.totals()``."""
     n = max(t["samples"], 1.0)
-    rates = {k[len("spikes:"):]: t[k] / t["slots:" + k[len("spikes:"):]]
-             for k in t if k.startswith("spikes:") and t["slots:" + k[len("spikes:"):]] > 0}
+    rates = {}
+    for key, spikes in t.items():
+        name = key.removeprefix("spikes:")
+        if name != key and t[f"slots:{name}"] > 0:
+            rates[name] = spikes / t[f"slots:{name}"]
     return SpikeReport(samples=int(t["samples"]), synops=t["synops"] / n, macs=t["macs"] / n,
                        rates=rates)
 

@@ -152,25 +152,16 @@ def export_stbp(
     shape is used.  The graph's input is the image, its output the last layer's spikes (one
     step); ``dt``, decay, thresh and T are stored in ``graph.metadata``.
     """
-    from spikingjelly.activation_based.nir_exchange import export_to_nir
-
-    if not dt > 0:
-        raise NIRExportError(f"cannot export with dt={dt}: it must be positive")
     seq = stbp_sequential(model, exact_gt)
     example = example_image.detach()[:1] if example_image.dim() == 4 else example_image[None]
     example = example.to(next(seq.parameters()).device)
-    graph = export_to_nir(seq, example, dt=dt)
-    graph.metadata = {
-        "dt": float(dt),
+    return export(seq, example, path, dt, metadata={
         "decay": float(model.decay),
         "thresh": float(model.thresh),
         "timesteps": int(getattr(model, "T", 0)),
         "firing": "v >= v_threshold = next float32 above thresh (STBP: v > thresh)"
         if exact_gt else "v >= v_threshold = thresh",
-    }
-    if path is not None:
-        save(graph, path)
-    return graph
+    })
 
 
 def write_checked(make_graph: Callable[[], nir.NIRGraph], check: Callable[[bytes], Any],
@@ -316,6 +307,20 @@ def stbp_recording(model: nn.Module, images: Tensor) -> Recording:
     return Recording(out, {n: torch.stack(s) for n, s in steps.items()})
 
 
+def spike_mismatches(reference: dict[str, Tensor], graph: dict[str, Tensor],
+                     nodes: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per layer: spikes that differ between the network (``reference[layer]``) and the graph
+    (``graph[nodes[layer]]``; all of them when the node is missing or its shape differs), and
+    the network's spike count."""
+    mismatches, spikes = {}, {}
+    for layer, node in nodes.items():
+        s, g = reference[layer], graph.get(node)
+        spikes[layer] = int(s.sum())
+        mismatches[layer] = (int((s != g).sum()) if g is not None and g.shape == s.shape
+                             else s.numel())
+    return mismatches, spikes
+
+
 @dataclass
 class RoundTrip:
     """How an imported graph compares with the STBP network on one batch."""
@@ -341,12 +346,8 @@ def compare(model: nn.Module, graph_module: nn.Module, images: Tensor) -> RoundT
     layer's spikes and the output."""
     ref = stbp_recording(model, images)
     got = record(graph_module, [images] * int(model.T))
-    mismatches, spikes = {}, {}
-    for name, s in ref.spikes.items():
-        other = got.spikes.get(name + NEURON_SUFFIX)
-        spikes[name] = int(s.sum())
-        mismatches[name] = (int((s != other).sum()) if other is not None and
-                            other.shape == s.shape else s.numel())
+    mismatches, spikes = spike_mismatches(ref.spikes, got.spikes,
+                                          {n: n + NEURON_SUFFIX for n in ref.spikes})
     out = rate(got.outputs)
     diff = float((out - ref.outputs).abs().max()) if out.shape == ref.outputs.shape else np.inf
     return RoundTrip(mismatches, spikes, torch.equal(out, ref.outputs), diff)
