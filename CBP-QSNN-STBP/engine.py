@@ -12,6 +12,7 @@ from cbp import data as cbp_data
 from cbp import distributed as D
 from cbp.data import CIFAR_MEAN, CIFAR_STD  # CIFAR-10's, used for CIFAR-100 too (reference)
 from cbp.metrics import profiled
+from cbp.trainer import Epoch, Trainer
 from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
     UserError,
@@ -55,6 +56,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<run name>; '' disables)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
 
 
 def loaders(args) -> tuple[DataLoader, DataLoader, int]:
@@ -134,3 +138,19 @@ def identity(args, script: str, model) -> dict:
     return {"pipeline": "STBP", "script": script, "model": type(model).__name__,
             "dataset": args.dataset, "quant": getattr(args, "quant", "fp32"),
             "width": float(args.width), "T": int(args.T)}
+
+
+class STBPTrainer(Trainer):
+    """The loop of both STBP scripts: MSE between output rate and one-hot label."""
+
+    def __init__(self, model, optimizer, *, args, outs: int, **kw) -> None:
+        self.args, self.outs = args, outs
+        super().__init__(model, optimizer, epochs=args.num_epochs, amp=args.amp,
+                         compile=args.compile, show=not args.no_progress, **kw)
+
+    def loss(self, output, target):
+        return mse_onehot(output, target, self.outs)
+
+    def evaluate(self, st: Epoch) -> None:
+        st.test_loss, st.test_acc = test(self.model, self.test_loader, self.device, self.outs,
+                                         self.show)

@@ -17,18 +17,14 @@ import argparse
 
 import torch
 
-from cbp import CBP, MODES, clip_gradients, param_groups
+from cbp import CBP, MODES, param_groups
 from cbp import cfs as model_cfs
 from cbp import distributed as D
 from cbp.checkpoint import load_into
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
-from cbp.runtime import (
-    Scalars,
-    progress,
-    run_main,
-    seed_everything,
-)
+from cbp.runtime import run_main, seed_everything
+from cbp.trainer import Epoch
 
 import engine
 from q_model import Q_Conv_SNN
@@ -90,103 +86,90 @@ def main(argv=None) -> None:
     identity = engine.identity(args, "cbp", model)
     fp32 = args.init_from or engine.pretrained_path(args.dataset)
     with Run(identity, outputs, lr_flag="--learning_rate") as run:
-        state = None
-        with D.collective():
-            if args.resume:
-                path = last_path if args.resume == "auto" else args.resume
-                state = run.resume(path, last_hint=f"resume from {last_path}")
-                load_into(model, state)
-                print(f"resuming from {path}")
-            else:
+        resume = None
+        if args.resume:
+            resume = last_path if args.resume == "auto" else args.resume
+        else:
+            with D.collective():
                 engine.require_file(fp32, "pretrained fp32 checkpoint", f"download it from "
                                     f"{engine.DRIVE} or create it with: "
                                     f"{engine.fp32_command(args)}")
                 load_into(model, fp32, allow_missing=(".scale",))
-        train(args, model, train_dl, test_dl, device, outs, run, state, name, progress_path)
+        train(args, model, train_dl, test_dl, device, outs, run, resume, name)
 
 
-def train(args, model, train_dl, test_dl, device, outs, run: Run, state, name: str,
-          progress_path: str) -> None:
-    out_dir = "./checkpoint"
-    pre_path = engine.prequantized_path(args.dataset, args.quant)
-    show = not args.no_progress
+class CBPTrainer(engine.STBPTrainer):
+    """CBP: gradients clipped to ±1, latent weights clamped; the progress table (epoch,
+    lagsum_pre, test acc %, CFS) and the reference's checkpoints."""
+
+    clip = "value"
+
+    def __init__(self, *a, name: str, **kw) -> None:
+        self.name = name
+        super().__init__(*a, **kw)
+
+    def batch_totals(self, output, target, loss):
+        return {"loss": float(loss.detach()) / len(self.train_loader)}
+
+    def train_summary(self, st: Epoch) -> None:
+        st.train_loss = st.totals["loss"]
+
+    def on_decision(self, st: Epoch) -> None:
+        d = st.decision
+        print(f"Epoch {st.epoch + 1}/{self.epochs} ... lagsum, lagsum_pre = "
+              f"{d.lagsum},{d.compared_to}")
+        if d.updated:
+            print(f"Lambda update start at {st.epoch} epoch")
+
+    def report(self, st: Epoch) -> None:
+        print(f"Epoch {st.epoch + 1}/{self.epochs} ... test_acc, cfs = {st.test_acc}, {st.cfs}")
+
+    def initial_row(self):
+        return [0.0, 0.0, 0.0, 0.0]
+
+    def row(self, st: Epoch):
+        return [st.epoch, st.lagsum_pre, st.test_acc, st.cfs]
+
+    def reference_state(self, st: Epoch, state: dict) -> dict:
+        ref = CBP.reference_entries(state["cbp"])
+        return {"epoch": st.epoch, "net": state["model"], "optimizer1": state["optimizer"],
+                **{k: ref[k] for k in ("optimizer2", "lamb", "period", "ucs", "g")},
+                "progress": state["progress"]}
+
+    def write(self, st: Epoch, full: dict) -> None:
+        out = f"./checkpoint/{self.name}"
+        self.run.write_table(f"./progress/{self.name}_progress.txt", self.rows)
+        if st.improved:
+            self.run.save(self.reference_state(st, full["trainer"]), f"{out}_best.pth")
+            self.run.save(full["trainer"]["model"],
+                          engine.prequantized_path(self.args.dataset, self.args.quant))
+            self.run.save(pack_model(self.model), f"{out}_packed.pth")
+        else:
+            self.run.save(self.reference_state(st, full["trainer"]), f"{out}.pth")
+
+    def after_epoch(self, st: Epoch) -> None:
+        print(f"Best Test Accuracy : {self.best['acc']} at {self.best['epoch']} Epoch ...")
+
+    def last_path(self) -> str:
+        return f"./checkpoint/{self.name}_last.pth"
+
+
+def train(args, model, train_dl, test_dl, device, outs, run: Run, resume: str | None,
+          name: str) -> None:
     optimizer = build_optimizer(model, args)
     # scales := mean|W_fp32| (on resume they are overwritten by the checkpoint's)
-    cbp = CBP(model, args.learning_rate_lambda, period_max=args.period,
-              init_scales=state is None)
-    rows = [[0.0, 0.0, 0.0, 0.0]]
-    best_acc, best_epoch, start_epoch = 0.0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer1"])
-        cbp.load_checkpoint_entries(state)
-        run.restore_rng(state["rng"])
-        rows = state["progress"].tolist()
-        best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-        start_epoch = int(state["epoch"]) + 1
-        print(f"resumed at epoch {start_epoch + 1}")
-    else:
-        cbp.start()  # initial lambda update with ucs = 0
-
-    tb = Scalars((f"./runs/{name}" if args.logdir is None else args.logdir) if run.main else None)
-    net = D.ddp(model)
-    for epoch in range(start_epoch, args.num_epochs):
-        D.set_epoch(train_dl, epoch)
-        model.train()
-        loss_train = 0.0
-        for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",
-                                                      enabled=show)):
-            model.zero_grad()
-            optimizer.zero_grad()
-            images, labels = images.to(device), labels.to(device)
-            loss = engine.mse_onehot(net(images), labels, outs)
-            lag = cbp.lagrangian(loss)
-            run.check_loss(lag, epoch, i)
-            loss_train = loss_train + loss.detach() / len(train_dl)
-            lag.backward()
-            clip_gradients(model.parameters(), 1.0)
-            optimizer.step()
-            cbp.clamp_()
-        decision = cbp.end_epoch(optimizer)
-        run.check_epoch(model, epoch, decision.lagsum)
-        print(f"Epoch {epoch + 1}/{args.num_epochs} ... lagsum, lagsum_pre = "
-              f"{decision.lagsum},{decision.compared_to}")
-        if decision.updated:
-            print(f"Lambda update start at {epoch} epoch")
-        _, acc = engine.test(model, test_dl, device, outs, show)
-        cfs = cbp.cfs()
-        print(f"Epoch {epoch + 1}/{args.num_epochs} ... test_acc, cfs = {acc}, {cfs}")
-        rows.append([epoch, cbp.lagsum_pre, acc, cfs])
-        for tag, value in (("loss/train", float(loss_train)), ("lagsum", decision.lagsum),
-                           ("accuracy/test", acc), ("cfs", cfs), ("g", cbp.g), ("ucs", cbp.ucs),
-                           ("lambda/mean", cbp.lambda_mean()), ("lr", optimizer.param_groups[0]["lr"])):
-            tb.add(tag, value, epoch)
-        improved = acc > best_acc
-        if improved:
-            best_acc, best_epoch = acc, epoch
-        entries = cbp.checkpoint_entries()
-        state = {  # the reference's keys
-            "epoch": epoch,
-            "net": model.state_dict(),
-            "optimizer1": optimizer.state_dict(),
-            **{k: entries[k] for k in ("optimizer2", "lamb", "period", "ucs", "g")},
-            "progress": torch.tensor(rows, dtype=torch.float64),
-        }
-        rng = run.rng_state()  # every rank's (a collective: outside the writes)
-        with run.writes():
-            run.write_table(progress_path, rows)
-            if improved:
-                run.save(state, f"{out_dir}/{name}_best.pth")
-                run.save(model.state_dict(), pre_path)
-                run.save(pack_model(model), f"{out_dir}/{name}_packed.pth")
-            else:
-                run.save(state, f"{out_dir}/{name}.pth")
-            # the training state last: a run killed before it redoes this epoch on resume
-            run.save(run.checkpoint({**state, **entries, "best_acc": best_acc,
-                                     "best_epoch": best_epoch, "rng": rng}),
-                     f"{out_dir}/{name}_last.pth")
-        print(f"Best Test Accuracy : {best_acc} at {best_epoch} Epoch ...")
-    tb.close()
-    run.finish(model, cbp)
+    cbp = CBP(model, args.learning_rate_lambda, period_max=args.period)
+    trainer = CBPTrainer(model, optimizer, run=run, device=device, controller=cbp, args=args,
+                         outs=outs, name=name,
+                         logdirs={"main": f"./runs/{name}" if args.logdir is None
+                                  else args.logdir})
+    if resume:
+        last = trainer.last_path()
+        with D.collective():
+            trainer.resume(resume, hint=f"resume from {last}")
+        print(f"resuming from {resume}")
+        print(f"resumed at epoch {trainer.start_epoch + 1}")
+    trainer.fit(train_dl, test_dl)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,78 @@ import torch
 from cbp import distributed as D
 from cbp.checkpoint import load_into
 from cbp.run import Run
-from cbp.runtime import (
-    Scalars,
-    progress,
-    run_main,
-    seed_everything,
-)
+from cbp.runtime import run_main, seed_everything
+from cbp.trainer import Epoch
 
 import engine
 from model import Conv_SNN, scale_init
+
+
+class FP32Trainer(engine.STBPTrainer):
+    """fp32 pre-training: no clipping, learning rate x0.1 at every 45th epoch; the best epoch
+    goes to ``<dataset>_best.pth`` and the pretrained-weights file, the others to
+    ``<dataset>.pth`` (the reference's files)."""
+
+    HISTORY = ("loss_train_hist", "loss_test_hist", "test_acc_hist")
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.history = {k: [] for k in self.HISTORY}
+        self._running = 0.0
+
+    def batch_totals(self, output, target, loss):
+        share = loss.item() / len(self.train_loader)  # the reference's running mean
+        self._running += share
+        return {"loss": share}
+
+    def train_summary(self, st: Epoch) -> None:
+        st.train_loss = st.totals["loss"]
+
+    def on_batch(self, index: int, st: Epoch) -> None:
+        if (index + 1) % 100 == 0:
+            print(f"{int(index + 1)} iterations ... running train loss:{self._running}")
+            self._running = 0.0
+
+    def after_train(self, st: Epoch) -> None:
+        self._running = 0.0
+
+    def schedule(self, st: Epoch) -> None:
+        if st.epoch % 45 == 0 and st.epoch > 1:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= 0.1
+
+    def evaluate(self, st: Epoch) -> None:
+        super().evaluate(st)
+        for key, value in zip(self.HISTORY, (st.train_loss, st.test_loss, st.test_acc)):
+            self.history[key].append(value)
+
+    def scalars(self, st: Epoch):
+        return {"main": {"loss/train": st.train_loss, "loss/test": st.test_loss,
+                         "accuracy/test": st.test_acc,
+                         "lr": self.optimizer.param_groups[0]["lr"]}}
+
+    def report(self, st: Epoch) -> None:
+        print(f"Epoch: {st.epoch + 1}/{self.epochs}.. ",
+              "Learning_rate: {}.. ".format(self.optimizer.param_groups[0]["lr"]),
+              f"Loss train: {st.train_loss:.5f}.. ",
+              f"Loss test: {st.test_loss:.5f}.. ",
+              f"Test Acc: {st.test_acc}..")
+
+    def reference_state(self, st: Epoch, state: dict) -> dict:
+        return {"epoch": st.epoch, "net": state["model"], "optimizer": state["optimizer"],
+                **state["history"]}
+
+    def write(self, st: Epoch, full: dict) -> None:
+        ref = self.reference_state(st, full["trainer"])
+        name = f"./checkpoint/{self.args.dataset}"
+        if st.improved:
+            self.run.save(ref, f"{name}_best.pth")
+            self.run.save(full["trainer"]["model"], engine.pretrained_path(self.args.dataset))
+        else:
+            self.run.save(ref, f"{name}.pth")
+
+    def last_path(self) -> str:
+        return f"./checkpoint/{self.args.dataset}_last.pth"
 
 
 def parse_args(argv=None):
@@ -69,73 +132,16 @@ def main(argv=None) -> None:
                pre_path]
     with Run(engine.identity(args, "fp32", model), outputs,
              lr_flag="--learning_rate") as run:
-        best_acc, start_epoch = 0.0, 0
-        hist = {"loss_train_hist": [], "loss_test_hist": [], "test_acc_hist": []}
+        trainer = FP32Trainer(model, optimizer, run=run, device=device, args=args, outs=outs,
+                              logdirs={"main": f"./runs/{args.dataset}_fp32"
+                                       if args.logdir is None else args.logdir})
         if args.resume:
             path = last_path if args.resume == "auto" else args.resume
             with D.collective():
-                state = run.resume(path, last_hint=f"resume from {last_path}")
-                load_into(model, state)
-            optimizer.load_state_dict(state["optimizer"])
-            run.restore_rng(state["rng"])
-            best_acc, start_epoch = float(state["best_acc"]), int(state["epoch"]) + 1
-            hist = {k: list(state[k]) for k in hist}
-            print(f"resumed from {path} at epoch {start_epoch + 1}")
-
-        logdir = f"./runs/{args.dataset}_fp32" if args.logdir is None else args.logdir
-        tb = Scalars(logdir if run.main else None)
-        net = D.ddp(model)
-        for epoch in range(start_epoch, args.num_epochs):
-            D.set_epoch(train_dl, epoch)
-            model.train()
-            running_loss, loss_train = 0.0, 0.0
-            for i, (images, labels) in enumerate(progress(train_dl, f"epoch {epoch + 1}",
-                                                          enabled=show)):
-                model.zero_grad()
-                optimizer.zero_grad()
-                images, labels = images.to(device), labels.to(device)
-                loss = engine.mse_onehot(net(images), labels, outs)
-                run.check_loss(loss, epoch, i)
-                running_loss += loss.item() / len(train_dl)
-                loss_train += loss.item() / len(train_dl)
-                if (i + 1) % 100 == 0:
-                    print(f"{int(i + 1)} iterations ... running train loss:{running_loss}")
-                    running_loss = 0
-                loss.backward()
-                optimizer.step()
-            run.check_epoch(model, epoch)
-            if epoch % 45 == 0 and epoch > 1:
-                for group in optimizer.param_groups:
-                    group["lr"] *= 0.1
-            loss_test, acc = engine.test(model, test_dl, device, outs, show)
-            hist["test_acc_hist"].append(acc)
-            hist["loss_train_hist"].append(loss_train)
-            hist["loss_test_hist"].append(loss_test)
-            print(f"Epoch: {epoch + 1}/{args.num_epochs}.. ",
-                  "Learning_rate: {}.. ".format(optimizer.param_groups[0]["lr"]),
-                  f"Loss train: {loss_train:.5f}.. ",
-                  f"Loss test: {loss_test:.5f}.. ",
-                  f"Test Acc: {acc}..")
-            tb.add("loss/train", loss_train, epoch)
-            tb.add("loss/test", loss_test, epoch)
-            tb.add("accuracy/test", acc, epoch)
-            tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
-            improved = acc > best_acc
-            best_acc = max(best_acc, acc)
-            state = {"epoch": epoch, "net": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), **hist}
-            rng = run.rng_state()  # every rank's (a collective: outside the writes)
-            with run.writes():
-                if improved:
-                    run.save(state, f"{out_dir}/{args.dataset}_best.pth")
-                    run.save(model.state_dict(), pre_path)
-                else:
-                    run.save(state, f"{out_dir}/{args.dataset}.pth")
-                # the training state last: a run killed before it redoes this epoch on resume
-                run.save(run.checkpoint({**state, "best_acc": best_acc, "rng": rng}),
-                         last_path)
-        tb.close()
-        run.finish(model)
+                trainer.resume(path, hint=f"resume from {last_path}")
+            print(f"resumed from {path} at epoch {trainer.start_epoch + 1}")
+        trainer.fit(train_dl, test_dl)
+    best_acc = trainer.best["acc"]
     print(f"Best Test Accuracy : {best_acc}; pretrained weights in {pre_path}")
 
 

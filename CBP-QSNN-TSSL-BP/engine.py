@@ -28,6 +28,7 @@ from cbp.runtime import (  # noqa: F401 (used by the scripts)
     progress,
     require_file,
 )
+from cbp.trainer import Trainer
 
 from functions import loss_f, tsslbp
 
@@ -84,6 +85,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<name>; '' disables)")
     p.add_argument("-no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("-amp", "--amp", action="store_true",
+                   help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
+    p.add_argument("-compile", "--compile", action="store_true",
+                   help="torch.compile the network")
     p.add_argument("-resume", "--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="train: resume (default: this run's ./checkpoint/<name>_last.pth)")
 
@@ -219,41 +224,54 @@ def repeat_time(images: torch.Tensor, T: int) -> torch.Tensor:
     return images.unsqueeze(-1).expand(*images.shape, T).contiguous()
 
 
-def train_epoch(net: Network, loader: DataLoader, loss_fn: loss_f.SpikeLoss,
-                optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                cbp=None, run=None, show: bool = True) -> tuple[float, float]:
-    """One epoch; returns (task loss per sample, train accuracy %).
+class TSSLTrainer(Trainer):
+    """The loop of both TSSL-BP scripts: the spike-count loss of ``Network.loss``, the
+    gradient norm of every weight clipped to 1, ``weight_clipper`` after each step (it also
+    keeps the latent quantized weights in range, so the CBP controller clamps nothing)."""
 
-    With a ``cbp.CBP`` controller the minimised loss is its Lagrangian (kept in its lagsum);
-    ``run.check_loss`` stops on a non-finite value.  All weights take part in the gradient-norm
-    clipping (max 1) and are clamped by ``weight_clipper`` after each step.
-    """
-    D.set_epoch(loader, epoch)
-    model, net = net, D.ddp(net)
-    model.train()
-    T = int(model.network_config["n_steps"])
-    loss_sum, correct, total = 0.0, 0, 0
-    for i, (images, labels) in enumerate(progress(loader, f"epoch {epoch}",
-                                                  enabled=show and D.is_main_process())):
-        x = repeat_time(images.to(device, torch.float32), T)
-        labels = labels.to(device)
-        outputs = net(x, epoch, True)
-        loss = loss_fn(outputs, labels)
-        lag = cbp.lagrangian(loss) if cbp is not None else loss
-        if run is not None:
-            run.check_loss(lag, epoch, i)
-        model.zero_grad(set_to_none=True)
-        optimizer.zero_grad(set_to_none=True)
-        lag.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.my_parameters), 1.0)
-        optimizer.step()
-        model.weight_clipper()
-        loss_sum += float(loss.detach())
-        correct += int((loss_f.predict(outputs) == labels).sum())
-        total += labels.numel()
-    if D.is_distributed():
-        loss_sum, correct, total = D.sum_over_ranks([loss_sum, correct, total])
-    return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
+    clip = "norm"
+    resume_flag = "-resume"
+
+    def __init__(self, net: Network, optimizer, *, args, loss_fn: loss_f.SpikeLoss, log,
+                 **kw) -> None:
+        self.loss_fn, self.log = loss_fn, log
+        self.T = int(net.network_config["n_steps"])
+        super().__init__(net, optimizer, amp=args.amp, compile=args.compile,
+                         show=not args.no_progress, **kw)
+
+    def inputs(self, batch):
+        images, labels = batch
+        return repeat_time(images.to(self.device, torch.float32), self.T), labels.to(self.device)
+
+    def forward(self, net, x):
+        return net(x, self.epoch, True)
+
+    def loss(self, output, target):
+        return self.loss_fn(output, target)
+
+    def batch_totals(self, output, target, loss):
+        return {"loss": float(loss.detach()), "n": target.numel(),
+                "correct": int((loss_f.predict(output) == target).sum())}
+
+    def clip_parameters(self):
+        return list(self.model.my_parameters)
+
+    def after_step(self) -> None:
+        self.model.weight_clipper()
+
+    def improved(self, st) -> bool:
+        return st.test_acc >= self.best["acc"]  # ties save too (the reference's early stop)
+
+    def update_best(self, st) -> None:
+        if st.test_acc > self.best["acc"]:
+            self.best.update(acc=st.test_acc, epoch=st.epoch)
+
+    def evaluate(self, st) -> None:
+        st.test_acc = test(self.model, self.test_loader, self.device, self.show)
+
+    def scalars(self, st):
+        out = dict(super().scalars(st)["main"], **{"accuracy/train": st.train_acc})
+        return {"main": out}
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_state_dict
 from cbp.run import Run
-from cbp.runtime import Scalars, UserError, run_main, seed_everything
+from cbp.runtime import UserError, run_main, seed_everything
+from cbp.trainer import Epoch
 
 import engine
 from functions import loss_f
@@ -122,18 +123,17 @@ def main(argv=None) -> None:
         net = engine.build(params, train_dl, device, quantize=True)
     if not net.q_layers_list:
         raise UserError(f"{args.config}: no layer has qtype q, nothing to quantize")
-    show = not args.no_progress
     print(f"{save_name}: {len(net.my_parameters)} weights, {len(net.q_layers_list)} quantized "
           f"({net.param_size_total} values, mode {mode}), device {device}")
 
     if args.mode == "eval":
         evaluate(args, params, net, test_dl, device, dataset, log)
         return
-    train(args, params, net, train_dl, test_dl, device, dataset, save_name, log, show)
+    train(args, params, net, train_dl, test_dl, device, dataset, save_name, log)
 
 
 def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, save_name: str,
-          log, show: bool) -> None:
+          log) -> None:
     net_cfg = params["Network"]
     ds, mode = net_cfg["dataset"], net_cfg["mode"]
     epochs = int(net_cfg["epochs"])
@@ -145,101 +145,104 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
                f"./checkpoint/{save_name}_packed.pth", *snapshots]
     resume = engine.resume_path(args, last_path)
     with Run(engine.identity(params, "cbp", dataset), outputs, lr_flag="-lr") as run:
-        state = None
-        with D.collective():
-            if resume:
-                state = run.resume(resume, last_hint=f"resume from {last_path} or a "
-                                   "./progress/*.pth snapshot")
-                if "cbp" not in state and "lamb" not in state:
-                    raise UserError(f"{resume} is not a CBP checkpoint; resume from "
-                                    f"{last_path}")
-                engine.load_weights(net, state["net"], resume)
-                net.set_scales(state["scales"])
-                print(f"resumed from {resume} at epoch {int(state['epoch']) + 1}")
-            else:
+        if not resume:
+            with D.collective():
                 load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset),
                                  fp32_hint(args))
-        _train(args, net_cfg, net, train_dl, test_dl, device, save_name, log, show, run, state,
-               last_path, pre_path, progress_path)
+        _train(args, net_cfg, net, train_dl, test_dl, device, save_name, log, run, resume,
+               last_path, pre_path)
+
+
+class CBPTrainer(engine.TSSLTrainer):
+    """CBP on the quantized layers: the progress table (epoch, test acc %, CFS), the best
+    epoch's checkpoint, weights and packed export, a snapshot every ``SAVE_EVERY`` epochs."""
+
+    def __init__(self, *a, save_name: str, net_cfg, **kw) -> None:
+        self.save_name = save_name
+        self.ds, self.mode = net_cfg["dataset"], net_cfg["mode"]
+        super().__init__(*a, **kw)
+        self.max_train_acc, self.min_loss = 0.0, float("inf")
+
+    def before_epoch(self, st: Epoch) -> None:
+        self.log.info("\nEpoch: %d", st.epoch)
+
+    def after_train(self, st: Epoch) -> None:
+        self.max_train_acc = max(self.max_train_acc, st.train_acc)
+        self.min_loss = min(self.min_loss, st.train_loss)
+        self.log.info("Train Accuracy: %.3f (%.3f). Loss: %.3f (%.3f)\n", st.train_acc,
+                      self.max_train_acc, st.train_loss, self.min_loss)
+
+    def on_decision(self, st: Epoch) -> None:
+        self.log.info("Epoch %d... // lagsum, lagsum_pre = %s, %s", st.epoch, st.lagsum,
+                      st.decision.compared_to)
+        if st.decision.updated:
+            self.log.info("lambda update ....")
+
+    def initial_row(self):
+        return [0.0, 0.0, 0.0]
+
+    def row(self, st: Epoch):
+        return [float(st.epoch), st.test_acc, st.cfs]
+
+    def report(self, st: Epoch) -> None:
+        c, best, at = self.controller, self.best["acc"], self.best["epoch"]
+        self.log.info("Test Accuracy: %.3f (%.3f).\n", st.test_acc, best)
+        print(f"epoch {st.epoch}: loss {st.train_loss:.4f} train {st.train_acc:.2f}% "
+              f"test {st.test_acc:.2f}% (best {best:.2f}% @ {at}) lagsum {st.lagsum:.6g} "
+              f"g {c.g} ucs {c.ucs:.3f} CFS {st.cfs:.6g}"
+              + (" lambda update" if st.decision.updated else ""))
+
+    def extra_state(self) -> dict:
+        return {"scales": self.model.scales()}
+
+    def load_extra_state(self, extra) -> None:
+        self.model.set_scales(extra["scales"])
+
+    def reference_state(self, st: Epoch, state: dict) -> dict:
+        return {"net": state["model"], "scales": state["extra"]["scales"], "epoch": st.epoch,
+                "optimizer": state["optimizer"], **CBP.reference_entries(state["cbp"]),
+                "progress": state["progress"]}
+
+    def write(self, st: Epoch, full: dict) -> None:
+        run, net = self.run, self.model
+        run.write_table(f"./progress/{self.ds}_{self.mode}.txt", self.rows)
+        weights = {**full["trainer"]["model"], **full["trainer"]["extra"]["scales"]}
+        if st.improved:
+            run.save({"net": weights, "accuracy": st.test_acc, "epoch": st.epoch},
+                     f"./checkpoint/{self.save_name}.pth")
+            run.save(weights, engine.prequantized_path(self.ds, self.mode))
+            spec = {t.name: (t.scale, t.mode) for t in self.controller.targets}
+            run.save(pack_state_dict(net.state_dict(), spec),
+                     f"./checkpoint/{self.save_name}_packed.pth")
+        if st.epoch % SAVE_EVERY == 0:  # resumable, with the reference's snapshot keys
+            run.save({**full, "model_state_dict": full["trainer"]["model"],
+                      "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
+                     f"./progress/{self.ds}_{self.mode}_{st.epoch}.pth")
+
+    def last_path(self) -> str:
+        return f"./checkpoint/{self.save_name}_last.pth"
 
 
 def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: str, log,
-           show: bool, run: Run, state, last_path: str, pre_path: str,
-           progress_path: str) -> None:
-    ds, mode = net_cfg["dataset"], net_cfg["mode"]
+           run: Run, resume: str | None, last_path: str, pre_path: str) -> None:
     qweights = [net.my_parameters[i] for i in net.q_layers_list]
     optimizer = torch.optim.AdamW(qweights, lr=float(net_cfg["lr"]))
+    # weight_clipper keeps the latent weights in range: the controller clamps nothing
     ctl = CBP(net.quant_targets(), float(net_cfg.get("lr_lambda", 1e-4)),
               lambda_optimizer="adamw", period_max=int(net_cfg.get("period_max", PERIOD_MAX)),
-              lr_decay_g=None, clamp=1.0, init_scales=False)
-    rows = [[0.0, 0.0, 0.0]]
-    best_acc, best_epoch, start = 0.0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        ctl.load_checkpoint_entries(state)
-        rows = state["progress"].tolist()
-        best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-        start = int(state["epoch"]) + 1
-        run.restore_rng(state["rng"])
-    else:
-        ctl.start()  # initial lambda update with ucs = 0
-
-    loss_fn = loss_f.SpikeLoss(net_cfg)
-    tb = Scalars((f"./runs/{save_name}" if args.logdir is None else args.logdir)
-                 if run.main else None)
-    max_train_acc, min_loss = 0.0, float("inf")
-    for e in range(start, int(net_cfg["epochs"])):
-        log.info("\nEpoch: %d", e)
-        loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
-                                             cbp=ctl, run=run, show=show)
-        max_train_acc, min_loss = max(max_train_acc, train_acc), min(min_loss, loss)
-        log.info("Train Accuracy: %.3f (%.3f). Loss: %.3f (%.3f)\n", train_acc, max_train_acc,
-                 loss, min_loss)
-        decision = ctl.end_epoch(optimizer)
-        run.check_epoch(net, e, decision.lagsum)
-        log.info("Epoch %d... // lagsum, lagsum_pre = %s, %s", e, decision.lagsum,
-                 decision.compared_to)
-        if decision.updated:
-            log.info("lambda update ....")
-        acc = engine.test(net, test_dl, device, show)
-        improved = acc >= best_acc
-        if acc > best_acc:
-            best_acc, best_epoch = acc, e
-        log.info("Test Accuracy: %.3f (%.3f).\n", acc, best_acc)
-        cfs_value = ctl.cfs()
-        rows.append([float(e), acc, cfs_value])
-        print(f"epoch {e}: loss {loss:.4f} train {train_acc:.2f}% test {acc:.2f}% "
-              f"(best {best_acc:.2f}% @ {best_epoch}) lagsum {decision.lagsum:.6g} "
-              f"g {ctl.g} ucs {ctl.ucs:.3f} CFS {cfs_value:.6g}"
-              + (" lambda update" if decision.updated else ""))
-        for name, value in (("loss/train", loss), ("accuracy/train", train_acc),
-                            ("accuracy/test", acc), ("lagsum", decision.lagsum), ("cfs", cfs_value),
-                            ("g", ctl.g), ("ucs", ctl.ucs), ("lambda/mean", ctl.lambda_mean())):
-            tb.add(name, value, e)
-        full = run.checkpoint({
-            "net": net.state_dict(), "scales": net.scales(), "epoch": e,
-            "optimizer": optimizer.state_dict(), **ctl.checkpoint_entries(),
-            "progress": torch.tensor(rows, dtype=torch.float64),
-            "best_acc": best_acc, "best_epoch": best_epoch, "rng": run.rng_state(),
-        })
-        with run.writes():
-            run.write_table(progress_path, rows)
-            weights = {**net.state_dict(), **net.scales()}
-            if improved:  # ties save too, as the reference's early stopping does
-                run.save({"net": weights, "accuracy": acc, "epoch": e},
-                         f"./checkpoint/{save_name}.pth")
-                run.save(weights, pre_path)
-                spec = {t.name: (t.scale, t.mode) for t in ctl.targets}
-                run.save(pack_state_dict(net.state_dict(), spec),
-                         f"./checkpoint/{save_name}_packed.pth")
-            if e % SAVE_EVERY == 0:
-                run.save({**full, "model_state_dict": net.state_dict(),
-                          "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
-                         f"./progress/{ds}_{mode}_{e}.pth")
-            # the training state last: a run killed before it redoes this epoch on resume
-            run.save(full, last_path)
-    tb.close()
-    run.finish(net, ctl)
+              lr_decay_g=None, clamp=None, init_scales=False)
+    trainer = CBPTrainer(net, optimizer, run=run, epochs=int(net_cfg["epochs"]), device=device,
+                         controller=ctl, args=args, loss_fn=loss_f.SpikeLoss(net_cfg), log=log,
+                         save_name=save_name, net_cfg=net_cfg,
+                         logdirs={"main": f"./runs/{save_name}" if args.logdir is None
+                                  else args.logdir})
+    if resume:
+        with D.collective():
+            state = trainer.resume(resume, hint=f"resume from {last_path} or a "
+                                   "./progress/*.pth snapshot")
+        print(f"resumed from {resume} at epoch {int(state['trainer']['epoch']) + 1}")
+    trainer.fit(train_dl, test_dl)
+    best_acc, best_epoch = trainer.best["acc"], trainer.best["epoch"]
     log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
 

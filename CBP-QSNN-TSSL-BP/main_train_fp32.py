@@ -22,10 +22,42 @@ import torch
 from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.run import Run
-from cbp.runtime import Scalars, UserError, run_main, seed_everything
+from cbp.runtime import UserError, run_main, seed_everything
+from cbp.trainer import Epoch
 
 import engine
 from functions import loss_f
+
+
+class FP32Trainer(engine.TSSLTrainer):
+    """fp32 training: the best epoch (ties included) goes to ``./checkpoint/<DS>_fp32.pth``
+    and the pretrained-weights file."""
+
+    def __init__(self, *a, name: str, pre_path: str, **kw) -> None:
+        self.name, self.pre_path = name, pre_path
+        super().__init__(*a, **kw)
+
+    def before_epoch(self, st: Epoch) -> None:
+        self.log.info("\nEpoch: %d", st.epoch)
+
+    def report(self, st: Epoch) -> None:
+        best, at = self.best["acc"], self.best["epoch"]
+        self.log.info("Train Accuracy: %.3f. Loss: %.3f", st.train_acc, st.train_loss)
+        self.log.info("Test Accuracy: %.3f (%.3f).", st.test_acc, best)
+        print(f"epoch {st.epoch}: loss {st.train_loss:.4f} train {st.train_acc:.2f}% "
+              f"test {st.test_acc:.2f}% (best {best:.2f}% @ {at})")
+
+    def reference_state(self, st: Epoch, state: dict) -> dict:
+        return {"net": state["model"], "loss": st.test_acc, "epoch": st.epoch}
+
+    def write(self, st: Epoch, full: dict) -> None:
+        if st.improved:
+            self.run.save(self.reference_state(st, full["trainer"]),
+                          f"./checkpoint/{self.name}.pth")
+            self.run.save(full["trainer"]["model"], self.pre_path)
+
+    def last_path(self) -> str:
+        return f"./checkpoint/{self.name}_last.pth"
 
 
 def parse_args(argv=None):
@@ -69,49 +101,20 @@ def main(argv=None) -> None:
     outputs = [last_path, pre_path, f"./checkpoint/{name}.pth"]
     resume = engine.resume_path(args, last_path)
     with Run(engine.identity(params, "fp32", dataset), outputs, lr_flag="-lr") as run:
-        best_acc, best_epoch, start = 0.0, 0, 0
+        trainer = FP32Trainer(net, optimizer, run=run, epochs=epochs, device=device, args=args,
+                              loss_fn=loss_f.SpikeLoss(net_cfg), log=log, name=name,
+                              pre_path=pre_path,
+                              logdirs={"main": f"./runs/{name}" if args.logdir is None
+                                       else args.logdir})
         if resume:
             with D.collective():
-                state = run.resume(resume, last_hint=f"resume from {last_path}")
-                engine.load_weights(net, extract_state_dict(state), resume)
-            optimizer.load_state_dict(state["optimizer"])
-            best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-            start = int(state["epoch"]) + 1
-            run.restore_rng(state["rng"])
-            print(f"resumed from {resume} at epoch {start}")
-        if epochs <= start:
-            raise UserError(f"nothing to do: {epochs} epochs, starting at epoch {start}")
-        loss_fn = loss_f.SpikeLoss(net_cfg)
-        tb = Scalars((f"./runs/{name}" if args.logdir is None else args.logdir)
-                     if run.main else None)
-        for e in range(start, epochs):
-            log.info("\nEpoch: %d", e)
-            loss, train_acc = engine.train_epoch(net, train_dl, loss_fn, optimizer, device, e,
-                                                 run=run, show=show)
-            run.check_epoch(net, e)
-            acc = engine.test(net, test_dl, device, show)
-            improved = acc >= best_acc
-            if acc > best_acc:
-                best_acc, best_epoch = acc, e
-            log.info("Train Accuracy: %.3f. Loss: %.3f", train_acc, loss)
-            log.info("Test Accuracy: %.3f (%.3f).", acc, best_acc)
-            print(f"epoch {e}: loss {loss:.4f} train {train_acc:.2f}% test {acc:.2f}% "
-                  f"(best {best_acc:.2f}% @ {best_epoch})")
-            tb.add("loss/train", loss, e)
-            tb.add("accuracy/train", train_acc, e)
-            tb.add("accuracy/test", acc, e)
-            rng = run.rng_state()  # every rank's (a collective: outside the writes)
-            with run.writes():
-                if improved:
-                    run.save({"net": net.state_dict(), "loss": acc, "epoch": e},
-                             f"./checkpoint/{name}.pth")
-                    run.save(net.state_dict(), pre_path)
-                # the training state last: a run killed before it redoes this epoch on resume
-                run.save(run.checkpoint({"net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "epoch": e, "best_acc": best_acc, "best_epoch": best_epoch,
-                                         "rng": rng}), last_path)
-        tb.close()
-        run.finish(net)
+                trainer.resume(resume, hint=f"resume from {last_path}")
+            print(f"resumed from {resume} at epoch {trainer.start_epoch}")
+        if epochs <= trainer.start_epoch:
+            raise UserError(f"nothing to do: {epochs} epochs, starting at epoch "
+                            f"{trainer.start_epoch}")
+        trainer.fit(train_dl, test_dl)
+    best_acc, best_epoch = trainer.best["acc"], trainer.best["epoch"]
     log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)
     print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
 

@@ -10,13 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .files import save_atomic  # noqa: F401 (re-exported: the one way checkpoints are written)
 
 STATE_DICT_KEYS = ("net", "model", "model_state_dict", "state_dict")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or does not fit the model (message is one readable line)."""
 
 
 def load_file(

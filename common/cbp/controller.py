@@ -279,6 +279,14 @@ class CBP:
             "names": [t.name for t in self.targets],
         }
 
+    @staticmethod
+    def reference_entries(state: dict) -> dict:
+        """The reference's checkpoint keys (``lamb``, ``optimizer2``, ``lagsum_pre``,
+        ``period``, ``ucs``, ``g``) derived from a :meth:`state_dict` (tensors shared)."""
+        return {"lamb": state["lambdas"], "optimizer2": state["optimizer"],
+                "lagsum_pre": state["lagsum_pre"], "period": state["period"],
+                "ucs": state["ucs"], "g": state["g"]}
+
     def checkpoint_entries(self) -> dict:
         """What a training checkpoint stores of the controller, each value once: the
         reference's keys (``lamb``, ``optimizer2``, ``lagsum_pre``, ``period``, ``ucs``, ``g``)

@@ -18,15 +18,12 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from .errors import ConvertError
 from .levels import check_mode
 from .nn import QuantConvMixin, QuantLinearMixin, QuantMixin
 
 ELIGIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
-
-
-class ConvertError(ValueError):
-    """The model cannot be converted as asked (nothing to quantize, a tied weight, ...)."""
 
 
 _CLASSES: dict[type, type] = {}

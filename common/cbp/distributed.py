@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import RankError, UserError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -81,16 +83,6 @@ def quiet_other_ranks() -> None:
     builtins.print = _quiet
 
 
-def _user_error() -> type:
-    from .runtime import UserError
-
-    return UserError
-
-
-class RankError(_user_error()):
-    """Raised on every rank when another rank failed: carries that rank's one-line message."""
-
-
 def _line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -105,11 +97,9 @@ def agree(error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
-    from .runtime import user_errors
-
     mine = None
     if error is not None:
-        mine = _line(error) if isinstance(error, user_errors()) else \
+        mine = _line(error) if isinstance(error, UserError) else \
             f"{type(error).__name__}: {_line(error)}"
     messages: list[str | None] = [None] * world_size()
     try:
@@ -124,7 +114,7 @@ def agree(error: BaseException | None) -> None:
         return
     # every rank prints its line now, before any of them exits (the launcher stops the others
     # as soon as one process ends)
-    if error is not None and not isinstance(error, user_errors()):
+    if error is not None and not isinstance(error, UserError):
         _report(error, None)  # a bug on this rank: its traceback is the report
         raise error
     exc = error if error is not None else RankError(f"rank {first}: {messages[first]}")
@@ -214,11 +204,14 @@ def split_loaders(train, test, seed: int = 0):
         return train, test
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-    kw = {"batch_size": train.batch_size, "num_workers": train.num_workers,
-          "pin_memory": train.pin_memory}
-    train = DataLoader(train.dataset, sampler=DistributedSampler(train.dataset, seed=seed), **kw)
+    def kw(loader):
+        return {"batch_size": loader.batch_size, "num_workers": loader.num_workers,
+                "pin_memory": loader.pin_memory, "collate_fn": loader.collate_fn}
+
+    train = DataLoader(train.dataset, sampler=DistributedSampler(train.dataset, seed=seed),
+                       drop_last=train.drop_last, **kw(train))
     test = DataLoader(Subset(test.dataset, shard_indices(len(test.dataset))), shuffle=False,
-                      **kw)
+                      **kw(test))
     return train, test
 
 

@@ -32,16 +32,7 @@ from typing import IO, Any
 
 import torch
 
-from .runtime import UserError
-
-
-class WriteError(UserError):
-    """A file could not be written (disk full, read-only folder, ...): one line, the path."""
-
-
-class LockedError(UserError):
-    """Another live run holds the lock on an output this run would write."""
-
+from .errors import LockedError, WriteError
 
 _writes = 0
 _losses = 0

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import NIRExportError, UserError
 from .files import write_atomic
 from .nn import QuantMixin
 
@@ -45,10 +46,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DT = 1e-4
 NEURON_SUFFIX = "_lif"  # graph node name of the neuron after layer <name>: <name>_lif
-
-
-class NIRExportError(ValueError):
-    """A network (or one of its layers) that cannot be written as NIR; one line naming it."""
 
 
 def above(thresh: float) -> float:
@@ -170,7 +167,6 @@ def write_checked(make_graph: Callable[[], nir.NIRGraph], check: Callable[[bytes
     ``check(data)`` (a result with ``exact`` and ``problem()``, e.g. a round trip on test
     inputs) and write ``path`` (atomically) only if it is exact.  Returns the check's result;
     an export error or a failed check is one ``UserError`` line and nothing is written."""
-    from .runtime import UserError
 
     try:
         graph = make_graph()

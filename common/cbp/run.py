@@ -39,13 +39,10 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import CheckpointError, load_file, nonfinite_tensors
+from .checkpoint import load_file, nonfinite_tensors
+from .errors import CheckpointError, Diverged, UserError
 from .files import OutputLock, failpoint_nan, promote, save_atomic, write_table, write_text_atomic
-from .runtime import UserError, rng_state, set_rng_state
-
-
-class Diverged(UserError):
-    """Training produced NaN or infinity; the run stops and writes nothing more."""
+from .runtime import rng_state, set_rng_state
 
 
 def _finite(value: Any) -> bool:
@@ -100,13 +97,16 @@ class Run:
         The block must hold no collective (compute :meth:`rng_state` before it)."""
         return D.collective()
 
-    def finish(self, model: nn.Module, controller: Any = None) -> None:
-        """Testing hook: with ``CBP_RANK_STATE_DIR`` set, every rank saves its final weights
-        and multipliers there as ``rank<r>.pth`` (to compare ranks after a distributed run)."""
-        folder = os.environ.get("CBP_RANK_STATE_DIR")
+    def finish(self, model: nn.Module, controller: Any = None, *,
+               optimizer: torch.optim.Optimizer | None = None, folder: str | None = None) -> None:
+        """Every rank saves its final weights, multipliers, g and learning rates as
+        ``rank<r>.pth`` in ``folder`` (or ``CBP_RANK_STATE_DIR``), to compare ranks after a
+        distributed run; nothing when neither is set."""
+        folder = folder or os.environ.get("CBP_RANK_STATE_DIR")
         if not folder:
             return
-        state = {"model": model.state_dict(), "lamb": [], "g": None, "ucs": None}
+        state = {"model": model.state_dict(), "lamb": [], "g": None, "ucs": None,
+                 "lr": [g["lr"] for g in optimizer.param_groups] if optimizer else []}
         if controller is not None:
             state.update(lamb=[lam.detach().clone() for lam in controller.lambdas],
                          g=controller.g, ucs=controller.ucs)

@@ -14,10 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class UserError(RuntimeError):
-    """An error the user can fix (missing data, missing checkpoint, bad option): printed as
-    one line, no traceback."""
+from .errors import UserError
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -26,19 +23,11 @@ def fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
-def user_errors() -> tuple[type, ...]:
-    """The exception types that are the user's to fix (printed as one line, no traceback)."""
-    from .checkpoint import CheckpointError
-    from .data import DatasetMissing
-
-    return (UserError, CheckpointError, DatasetMissing)
-
-
 def run_main(main: Callable[[], Any]) -> None:
     """Run ``main()``; user-fixable errors become one line on stderr and exit status 1."""
     try:
         main()
-    except user_errors() as exc:
+    except UserError as exc:
         _leave_process_group()
         if getattr(exc, "reported", False):  # already printed by every rank (distributed)
             raise SystemExit(1) from None
