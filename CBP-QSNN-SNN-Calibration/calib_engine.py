@@ -32,6 +32,7 @@ from cbp.runtime import (
     progress,
     seed_everything,
 )
+from cbp.trainer import Trainer
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
 NORM = {
@@ -66,6 +67,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<run name>; '' disables)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--subset", default=None, type=_positive_int,
                    help="use only the first N training and N test images (quick runs)")
 
@@ -373,3 +377,15 @@ def convert(args, ann: VGG, train_loader, test_loader, device: torch.device, sho
     normalise_thresholds(snn)
     snn.set_spike_state(True)
     return snn, ann_acc, snn_acc
+
+
+class CETrainer(Trainer):
+    """Cross-entropy training of the ANN or of the quantized SNN."""
+
+    def __init__(self, model, optimizer, *, args, **kw) -> None:
+        self.args = args
+        super().__init__(model, optimizer, epochs=args.epochs, amp=args.amp,
+                         compile=args.compile, show=not args.no_progress, **kw)
+
+    def loss(self, output, target):
+        return F.cross_entropy(output, target)

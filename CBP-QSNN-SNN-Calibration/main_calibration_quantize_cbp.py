@@ -21,20 +21,14 @@ import time
 
 import calib_engine as E
 import torch
-import torch.nn.functional as F
 
-from cbp import CBP, MODES, clip_gradients, param_groups
+from cbp import CBP, MODES, param_groups, quantized_modules
 from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
-from cbp.runtime import (
-    Scalars,
-    UserError,
-    progress,
-    run_main,
-    select_device,
-)
+from cbp.runtime import UserError, run_main, select_device
+from cbp.trainer import Epoch, training_state
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -145,8 +139,10 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
             path = f["last"] if args.resume == "auto" else args.resume
             if args.resume != "auto" or os.path.isfile(path):
                 with D.collective():
-                    resume_state = run.resume(path, last_hint=f"resume from {f['last']}")
-                if int(resume_state["epoch"]) + 1 >= args.epochs:
+                    resume_state = run.resume(path, last_hint=f"resume from {f['last']}",
+                                              needs=())
+                    done = training_state(resume_state, path)["epoch"]
+                if int(done) + 1 >= args.epochs:
                     print(f"trial {trial} already finished ({path})")
                     return
         if resume_state is None:
@@ -168,117 +164,120 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
                 check_finite(state, f["last"])
                 snn_q.load_state_dict(state)
         train_part, test_part = D.split_loaders(train_loader, test_loader, args.seed + trial)
-        _train(args, trial, snn_q, extras, train_part, test_part, device, show, run,
-               resume_state, f, pending)
+        _train(args, trial, snn_q, extras, train_part, test_part, device, run, resume_state,
+               f, pending)
 
 
-def _train(args, trial, snn_q, extras, train_loader, test_loader, device, show, run: Run,
+class CBPTrainer(E.CETrainer):
+    """CBP on the calibrated SNN: the progress table (epoch, train acc, test acc, train loss,
+    test loss, CFS, lagsum_pre; accuracies as fractions), the best checkpoint and its packed
+    export, snapshots at epoch 0 and every 5th, and the calibration checkpoint (``pending``)
+    with the first finished epoch."""
+
+    clip = "value"
+
+    def __init__(self, *a, files: dict, extras: dict, pending: dict, **kw) -> None:
+        self.files, self.extras, self.pending = files, extras, pending
+        super().__init__(*a, **kw)
+        self.snapshots = set(snapshot_epochs(self.epochs))
+
+    def before_epoch(self, st: Epoch) -> None:
+        self._start = time.time()
+
+    def on_batch(self, index: int, st: Epoch) -> None:
+        if index % 50 == 0:
+            print(f"samples/acc = {int(st.totals['n'])}/{int(st.totals['correct'])}")
+
+    def train_summary(self, st: Epoch) -> None:
+        n = max(st.totals["n"], 1)
+        st.train_loss = st.totals["loss"] / n
+        st.train_acc = st.totals["correct"] / n
+
+    def on_decision(self, st: Epoch) -> None:
+        d, c = st.decision, self.controller
+        print(f"epoch={st.epoch}...lagsum_pre={d.compared_to}...lagsum={d.lagsum}")
+        if d.updated:
+            print(f"Lambda update.... (g={c.g}, ucs={c.ucs:.4f}"
+                  + (", lr x0.1" if d.lr_decayed else "") + ")")
+
+    def evaluate(self, st: Epoch) -> None:
+        st.test_loss, st.test_acc = E.evaluate_ce(self.model, self.test_loader, self.device,
+                                                  self.show)
+
+    def initial_row(self):
+        return [0.0] * 7
+
+    def row(self, st: Epoch):
+        return [st.epoch, st.train_acc, st.test_acc, st.train_loss, st.test_loss, st.cfs,
+                st.lagsum_pre]
+
+    def report(self, st: Epoch) -> None:
+        if st.improved:
+            print("save_max")
+
+    def extra_state(self) -> dict:
+        return dict(self.extras)
+
+    def reference_state(self, st: Epoch, state: dict) -> dict:
+        return {
+            "net": state["model"],
+            "factor": [list(m.factor) for _, m in quantized_modules(self.model)],
+            "scale": [t.scale.detach().clone() for t in self.controller.targets],
+            "optimizer1": state["optimizer"],
+            **CBP.reference_entries(state["cbp"]),
+            "epoch": st.epoch,
+            "progress": state["progress"],
+            "args": dict(vars(self.args)),
+            "max_test_acc": self.best["acc"],
+            **state["extra"],
+        }
+
+    def write(self, st: Epoch, full: dict) -> None:
+        f, run = self.files, self.run
+        while self.pending:
+            path, obj = self.pending.popitem()
+            run.save(obj, path)
+        run.write_table(f["progress"], self.rows)
+        ref = self.reference_state(st, full["trainer"])
+        if st.improved:
+            run.save(ref, f["best"])
+            run.save(pack_model(self.model), f["packed"])
+        if st.epoch in self.snapshots:
+            run.save(ref, f"{f['stem']}_{st.epoch}.pth")
+
+    def after_epoch(self, st: Epoch) -> None:
+        total_time = time.time() - self._start
+        eta = datetime.datetime.now() + datetime.timedelta(
+            seconds=total_time * (self.epochs - st.epoch))
+        print(f"epoch={st.epoch}, train_loss={st.train_loss}, train_acc={st.train_acc}, "
+              f"test_loss={st.test_loss}, test_acc={st.test_acc}, "
+              f"max_test_acc={self.best['acc']}, cfs={st.cfs}, total_time={total_time}, "
+              f"escape_time={eta.strftime('%Y-%m-%d %H:%M:%S')}")
+
+    def last_path(self) -> str:
+        return self.files["last"]
+
+
+def _train(args, trial, snn_q, extras, train_loader, test_loader, device, run: Run,
            resume_state, f, pending: dict) -> None:
     """CBP epochs; ``pending`` files (the calibration checkpoint) are written with the first
     finished epoch."""
     optimizer = build_optimizer(snn_q, args)
     cbp = CBP(snn_q, args.lr_lambda, period_max=args.period, init_scales=resume_state is None)
-    rows: list[list[float]] = [[0.0] * 7]
-    max_test_acc, start_epoch = 0.0, 0
+    trainer = CBPTrainer(snn_q, optimizer, run=run, device=device, controller=cbp, args=args,
+                         files=f, extras=extras, pending=pending,
+                         logdirs={"main": f"./runs/{f['run']}" if args.logdir is None else
+                                  (os.path.join(args.logdir, f"trial{trial}")
+                                   if args.logdir else "")})
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer1"])
-        cbp.load_checkpoint_entries(resume_state)
-        rows = resume_state["progress"].tolist()
-        max_test_acc = float(resume_state["max_test_acc"])
-        start_epoch = int(resume_state["epoch"]) + 1
-        run.restore_rng(resume_state["rng"])
-        print(f"resumed trial {trial} at epoch {start_epoch}")
-    else:
-        cbp.start()  # initial lambda update with ucs = 0
+        trainer.restore(resume_state, f["last"])
+        print(f"resumed trial {trial} at epoch {trainer.start_epoch}")
     print(f"Start Quantization ({args.quant}, {cbp.param_size} quantized weights)")
-
-    tb = Scalars((f"./runs/{f['run']}" if args.logdir is None else
-                  (os.path.join(args.logdir, f"trial{trial}") if args.logdir else ""))
-                 if run.main else None)
-    snapshots = set(snapshot_epochs(args.epochs))
-    net = D.ddp(snn_q)
-    for epoch in range(start_epoch, args.epochs):
-        start = time.time()
-        D.set_epoch(train_loader, epoch)
-        snn_q.train()
-        train_loss, train_correct, n = 0.0, 0, 0
-        for idx, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch}",
-                                                        enabled=show)):
-            optimizer.zero_grad()
-            images, labels = images.to(device), labels.to(device)
-            outputs = net(images)
-            loss = F.cross_entropy(outputs, labels)
-            lag = cbp.lagrangian(loss)
-            run.check_loss(lag, epoch, idx)
-            lag.backward()
-            clip_gradients(snn_q.parameters(), 1.0)
-            optimizer.step()
-            cbp.clamp_()
-            n += labels.numel()
-            train_loss += loss.item() * labels.numel()
-            train_correct += int((outputs.argmax(1) == labels).sum())
-            if idx % 50 == 0:
-                print(f"samples/acc = {n}/{train_correct}")
-        train_loss /= max(n, 1)
-        train_acc = train_correct / max(n, 1)
-        decision = cbp.end_epoch(optimizer)
-        run.check_epoch(snn_q, epoch, decision.lagsum)
-        print(f"epoch={epoch}...lagsum_pre={decision.compared_to}...lagsum={decision.lagsum}")
-        if decision.updated:
-            print(f"Lambda update.... (g={cbp.g}, ucs={cbp.ucs:.4f}"
-                  + (", lr x0.1" if decision.lr_decayed else "") + ")")
-
-        test_loss, test_acc = E.evaluate_ce(snn_q, test_loader, device, show)
-        cfs = cbp.cfs()
-        rows.append([epoch, train_acc, test_acc, train_loss, test_loss, cfs, cbp.lagsum_pre])
-        for tag, value in (("loss/train", train_loss), ("accuracy/train", train_acc),
-                           ("loss/test", test_loss), ("accuracy/test", test_acc), ("cfs", cfs),
-                           ("lagsum", decision.lagsum), ("g", cbp.g), ("ucs", cbp.ucs),
-                           ("lambda/mean", cbp.lambda_mean()),
-                           ("lr", optimizer.param_groups[0]["lr"])):
-            tb.add(tag, value, epoch)
-
-        save_max = test_acc > max_test_acc
-        if save_max:
-            max_test_acc = test_acc
-            print("save_max")
-        checkpoint = run.checkpoint({
-            "net": snn_q.state_dict(),
-            "factor": [list(m.factor) for _, m in _qmods(snn_q)],
-            "scale": [t.scale.detach().clone() for t in cbp.targets],
-            "optimizer1": optimizer.state_dict(),
-            **cbp.checkpoint_entries(),
-            "epoch": epoch,
-            "progress": torch.tensor(rows, dtype=torch.float64),
-            "args": {k: v for k, v in vars(args).items()},
-            "max_test_acc": max_test_acc,
-            **extras,
-        })
-        rng = run.rng_state()  # every rank's (a collective: outside the writes)
-        with run.writes():
-            while pending:
-                path, obj = pending.popitem()
-                run.save(obj, path)
-            run.write_table(f["progress"], rows)
-            if save_max:
-                run.save(checkpoint, f["best"])
-                run.save(pack_model(snn_q), f["packed"])
-            if epoch in snapshots:
-                run.save(checkpoint, f"{f['stem']}_{epoch}.pth")
-            # the training state last: a run killed before it redoes this epoch on resume
-            run.save({**checkpoint, "rng": rng}, f["last"])
-        total_time = time.time() - start
-        eta = datetime.datetime.now() + datetime.timedelta(seconds=total_time * (args.epochs - epoch))
-        print(f"epoch={epoch}, train_loss={train_loss}, train_acc={train_acc}, "
-              f"test_loss={test_loss}, test_acc={test_acc}, max_test_acc={max_test_acc}, "
-              f"cfs={cfs}, total_time={total_time}, "
-              f"escape_time={eta.strftime('%Y-%m-%d %H:%M:%S')}")
+    trainer.fit(train_loader, test_loader)
     with run.writes():
         for path, obj in pending.items():  # no epoch to run: the conversion alone
             run.save(obj, path)
-    tb.close()
-    run.finish(snn_q, cbp)
-    print(f"trial {trial}: max_test_acc={max_test_acc}, weight memory "
+    print(f"trial {trial}: max_test_acc={trainer.best['acc']}, weight memory "
           f"{weight_memory_mbit(snn_q):.4f} Mbit")
 
 
@@ -302,12 +301,6 @@ def evaluate(args, device, show) -> None:
         neurons=snn_q.spike_types)
     print(f"test_loss={test_loss}, test_acc={test_acc}")
     print(f"CFS: {model_cfs(snn_q):.6g}  weight memory: {weight_memory_mbit(snn_q):.4f} Mbit")
-
-
-def _qmods(model):
-    from cbp import quantized_modules
-
-    return quantized_modules(model)
 
 
 def main(argv=None) -> None:

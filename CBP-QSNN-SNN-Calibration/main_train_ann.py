@@ -18,20 +18,59 @@ import time
 
 import calib_engine as E
 import torch
-from torch import nn
 
 from cbp import distributed as D
-from cbp.checkpoint import extract_state_dict, load_into
 from cbp.run import Run
-from cbp.runtime import (
-    Scalars,
-    UserError,
-    progress,
-    run_main,
-    select_device,
-)
+from cbp.runtime import UserError, run_main, select_device
+from cbp.trainer import Epoch
 
 build_data = E.build_data  # the reference imports build_data from this module
+
+
+class ANNTrainer(E.CETrainer):
+    """ANN training: SGD with a cosine schedule; the best epoch's weights are the ANN file
+    the calibration script converts."""
+
+    def __init__(self, *a, save_path: str, last: str, **kw) -> None:
+        self.save_path, self.last_file = save_path, last
+        super().__init__(*a, **kw)
+        self._running = 0.0
+
+    def before_epoch(self, st: Epoch) -> None:
+        self._running, self._start = 0.0, time.time()
+
+    def batch_totals(self, output, target, loss):
+        value = loss.item()
+        self._running += value
+        return {"loss": value * target.numel(), "n": target.numel()}
+
+    def on_batch(self, index: int, st: Epoch) -> None:
+        if (index + 1) % 40 == 0:
+            print(f"Epoch [{st.epoch + 1}/{self.epochs}], Step [{index + 1}/"
+                  f"{len(self.train_loader)}], Loss: {self._running:.5f}")
+            self._running = 0.0
+            print("Time elapsed:", time.time() - self._start)
+
+    def on_decision(self, st: Epoch) -> None:
+        print("Iters:", st.epoch)
+
+    def evaluate(self, st: Epoch) -> None:
+        st.test_acc = E.validate_model(self.test_loader, self.model, self.show)
+
+    def update_best(self, st: Epoch) -> None:
+        if st.improved:
+            self.best.update(acc=st.test_acc, epoch=st.epoch + 1)
+
+    def report(self, st: Epoch) -> None:
+        print("best_acc is: ", self.best["acc"], " find in epoch: ", self.best["epoch"])
+        print("\n")
+
+    def write(self, st: Epoch, full: dict) -> None:
+        if st.improved:
+            self.run.save(full["trainer"]["model"], self.save_path)
+
+    def last_path(self) -> str:
+        return self.last_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,79 +98,27 @@ def main(argv=None) -> None:
     with D.collective():
         train_loader, test_loader = E.loaders(args, device)
     train_loader, _ = D.split_loaders(train_loader, test_loader, args.seed)  # every rank tests on all
-    show = not args.no_progress
     save_path = E.ann_path(args)
     stem = os.path.basename(save_path).replace("_ckpt.pth", "")
     last_path = f"./logs/{stem}_last.pth"
 
     ann = E.build_ann(args).to(device)
-    criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(ann.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, eta_min=0,
                                                            T_max=max(args.epochs, 1))
     identity = {"pipeline": "SNN-Calibration", "script": "ann", "dataset": args.dataset,
                 "arch": args.arch, "usebn": bool(args.usebn), "width": float(args.width)}
     with Run(identity, [save_path, last_path], lr_flag="--learning_rate") as run:
-        best_acc, best_epoch, start_epoch = 0.0, 0, 0
+        trainer = ANNTrainer(ann, optimizer, run=run, device=device, args=args,
+                             scheduler=scheduler, save_path=save_path, last=last_path,
+                             logdirs={"main": f"./runs/{stem}" if args.logdir is None
+                                      else args.logdir})
         if args.resume:
             path = last_path if args.resume == "auto" else args.resume
             with D.collective():
-                state = run.resume(path, last_hint=f"resume from {last_path}")
-                load_into(ann, extract_state_dict(state))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            best_acc, best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-            start_epoch = int(state["epoch"]) + 1
-            run.restore_rng(state["rng"])
-            print(f"resumed from {path} at epoch {start_epoch}")
-
-        tb = Scalars((f"./runs/{stem}" if args.logdir is None else args.logdir)
-                     if run.main else None)
-        net = D.ddp(ann)
-        for epoch in range(start_epoch, args.epochs):
-            running_loss, start = 0.0, time.time()
-            D.set_epoch(train_loader, epoch)
-            ann.train()
-            seen, total_loss = 0, 0.0
-            for i, (images, labels) in enumerate(progress(train_loader, f"epoch {epoch + 1}",
-                                                          enabled=show)):
-                optimizer.zero_grad()
-                images, labels = images.to(device), labels.to(device)
-                loss = criterion(net(images), labels)
-                run.check_loss(loss, epoch, i)
-                running_loss += loss.item()
-                total_loss += loss.item() * labels.numel()
-                seen += labels.numel()
-                loss.backward()
-                optimizer.step()
-                if (i + 1) % 40 == 0:
-                    print(f"Epoch [{epoch + 1}/{args.epochs}], Step [{i + 1}/{len(train_loader)}], "
-                          f"Loss: {running_loss:.5f}")
-                    running_loss = 0.0
-                    print("Time elapsed:", time.time() - start)
-            run.check_epoch(ann, epoch)
-            scheduler.step()
-            print("Iters:", epoch)
-            acc = E.validate_model(test_loader, ann, show)
-            improved = acc > best_acc
-            if improved:
-                best_acc, best_epoch = acc, epoch + 1
-            print("best_acc is: ", best_acc, " find in epoch: ", best_epoch)
-            print("\n")
-            tb.add("loss/train", total_loss / max(seen, 1), epoch)
-            tb.add("accuracy/test", acc, epoch)
-            tb.add("lr", optimizer.param_groups[0]["lr"], epoch)
-            rng = run.rng_state()  # every rank's (a collective: outside the writes)
-            with run.writes():
-                if improved:
-                    run.save(ann.state_dict(), save_path)
-                # the training state last: a run killed before it redoes this epoch on resume
-                run.save(run.checkpoint({
-                    "epoch": epoch, "net": ann.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                    "best_epoch": best_epoch, "rng": rng}), last_path)
-        tb.close()
-        run.finish(ann)
+                trainer.resume(path, hint=f"resume from {last_path}")
+            print(f"resumed from {path} at epoch {trainer.start_epoch}")
+        trainer.fit(train_loader, test_loader)
     print(f"best ANN weights: {save_path}")
 
 

@@ -70,6 +70,20 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def training_state(state: Mapping[str, Any], path: str, flag: str = "--resume"
+                   ) -> Mapping[str, Any]:
+    """The training state inside a checkpoint read from ``path``, or one error line saying
+    why it cannot be resumed and what to do instead."""
+    ts = state.get("trainer") if isinstance(state, Mapping) else None
+    if not isinstance(ts, Mapping):
+        raise UserError(f"cannot resume from {path}: it holds no training state this version "
+                        f"reads (an older or foreign file); start the run again without {flag}")
+    if int(ts.get("version", 0)) > SCHEMA_VERSION:
+        raise UserError(f"cannot resume from {path}: it was written by a newer version "
+                        f"(training state {ts['version']}); update this project")
+    return ts
+
+
 class Trainer:
     """The training loop; subclass and override the hooks below.
 
@@ -246,14 +260,8 @@ class Trainer:
         return state
 
     def restore(self, state: Mapping[str, Any], path: str) -> None:
-        ts = state.get("trainer")
-        if not isinstance(ts, Mapping):
-            raise UserError(f"cannot resume from {path}: it holds no training state of this "
-                            "version's loop (an older or foreign file); start this run again "
-                            f"without {self.resume_flag}")
-        if int(ts.get("version", 0)) > SCHEMA_VERSION:
-            raise UserError(f"cannot resume from {path}: written by a newer version (training "
-                            f"state {ts['version']}); update this project")
+        """Continue from a checkpoint already read (``state``, read from ``path``)."""
+        ts = training_state(state, path, self.resume_flag)
         load_into(self.model, ts["model"])
         self.optimizer.load_state_dict(ts["optimizer"])
         if self.scheduler is not None and ts.get("scheduler") is not None:
@@ -385,4 +393,4 @@ class Trainer:
         self.after_epoch(st)
 
 
-__all__ = ["Epoch", "SCHEMA_VERSION", "Trainer", "autocast"]
+__all__ = ["Epoch", "SCHEMA_VERSION", "Trainer", "autocast", "training_state"]
