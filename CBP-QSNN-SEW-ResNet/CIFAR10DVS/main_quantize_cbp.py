@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T_train", default=None, type=positive_int)
     p.add_argument("-dts_cache", default="./dts_cache")
     # additions
+    p.add_argument("-compile", action="store_true", help="torch.compile the network")
     p.add_argument("-seed", type=int, default=2020)
     p.add_argument("-width", type=positive_float, default=1.0,
                    help="channel multiplier (1.0 = the paper's network)")
@@ -95,22 +96,22 @@ def main(argv=None, fp32: bool = False) -> None:
     layout = engine.Layout(
         ckpt_dir=out + "_pt",
         progress_file=os.path.join(out, "progress.txt"),
-        progress_row=lambda s: [s.epoch, s.train_acc1 * pct, s.test_acc1 * pct, s.train_loss,
+        progress_row=lambda s: [s.epoch, s.train_acc * pct, s.test_acc * pct, s.train_loss,
                                 s.test_loss, s.cfs, s.lagsum_pre],
         keep_epoch=lambda e, n: e == 0 or (e + 1) % 10 == 0 or e == n - 1,
         best_name="checkpoint_max.pth",
         model_key="net",
         tb_train=os.path.join(out, "logs"),
         tb_test=os.path.join(out, "logs"),
-        tb_scalars=lambda s: ({"train_loss": s.train_loss, "train_acc": s.train_acc1 * pct},
-                              {"test_loss": s.test_loss, "test_acc": s.test_acc1 * pct}),
+        tb_scalars=lambda s: ({"train_loss": s.train_loss, "train_acc": s.train_acc * pct},
+                              {"test_loss": s.test_loss, "test_acc": s.test_acc * pct}),
         args_txt=os.path.join(out, "args.txt"),
         lr_flag="-lr",
         final_weights=pretrained_path() if fp32 else prequantized_path(args.quant),
     )
     settings = engine.Settings(
         epochs=args.epochs, lr=args.lr, lr_lambda=args.lr_lambda, momentum=args.momentum,
-        adam=args.opt == "Adam", amp=args.amp, amp_reference_clip=args.amp_reference_clip,
+        adam=args.opt == "Adam", amp=args.amp, compile=args.compile, amp_reference_clip=args.amp_reference_clip,
         period=args.period, T_train=args.T_train, resume=args.resume)
     fp32_cmd = (f"python main_train_fp32.py -model SEWResNet -cnf {args.cnf} "
                 f"-data_dir {args.data_dir} -T {args.T}")

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max epochs between lambda updates")
     p.add_argument("--T_train", type=positive_int, help="random temporal crop while training")
     # additions
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--seed", type=int, default=2022)
     p.add_argument("--width", type=positive_float, default=1.0,
                    help="channel multiplier (1.0 = the paper's network)")
@@ -138,22 +139,22 @@ def main(argv=None, fp32: bool = False) -> None:
     layout = engine.Layout(
         ckpt_dir=out,
         progress_file=os.path.join(out, "progress.txt"),
-        progress_row=lambda s: [s.epoch, s.test_acc1, s.test_acc5, s.cfs, s.lagsum_pre],
+        progress_row=lambda s: [s.epoch, s.test_acc, s.test_acc5, s.cfs, s.lagsum_pre],
         keep_epoch=lambda e, n: e == 0 or (e + 1) % 40 == 0 or e == n - 1,
         best_name="checkpoint_max_test_acc1.pth",
         tb_train=out + "_logs/train" if tb else None,
         tb_test=out + "_logs/te" if tb else None,
         tb_scalars=lambda s: (
-            {"lagsum": s.lagsum, "train_loss": s.train_loss, "train_acc1": s.train_acc1,
+            {"lagsum": s.lagsum, "train_loss": s.train_loss, "train_acc1": s.train_acc,
              "train_acc5": s.train_acc5},
-            {"test_loss": s.test_loss, "test_acc1": s.test_acc1, "test_acc5": s.test_acc5}),
+            {"test_loss": s.test_loss, "test_acc1": s.test_acc, "test_acc5": s.test_acc5}),
         args_txt=out + "_logs/args.txt" if tb else None,
         final_weights=(pretrained_path(args.dataset) if fp32
                        else prequantized_path(args.quant, args.dataset)),
     )
     settings = engine.Settings(
         epochs=args.epochs, lr=args.lr, lr_lambda=args.lr_lambda, momentum=args.momentum,
-        weight_decay=args.weight_decay, adam=args.adam, amp=args.amp,
+        weight_decay=args.weight_decay, adam=args.adam, amp=args.amp, compile=args.compile,
         amp_reference_clip=args.amp_reference_clip, period=args.period, T_train=args.T_train,
         print_freq=args.print_freq, resume=args.resume or None, start_epoch=args.start_epoch)
     src = "--dataset DIGITS" if digits else f"--data-path {args.data_path}"

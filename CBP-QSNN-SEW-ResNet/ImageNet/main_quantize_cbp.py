@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="bin", choices=list(MODES))
     p.add_argument("--period", default=20, type=positive_int)
     # additions
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--width", type=positive_float, default=1.0,
                    help="channel multiplier (1.0 = the paper's networks)")
@@ -136,16 +137,16 @@ def main(argv=None, fp32: bool = False) -> None:
     layout = engine.Layout(
         ckpt_dir=out,
         progress_file=os.path.join(out, f"progress_{args.model}_{args.quant}.txt"),
-        progress_row=lambda s: [s.epoch, s.train_acc1, s.train_acc5, s.test_acc1, s.test_acc5,
+        progress_row=lambda s: [s.epoch, s.train_acc, s.train_acc5, s.test_acc, s.test_acc5,
                                 s.train_loss, s.test_loss, s.cfs, s.lagsum_pre],
         keep_epoch=lambda e, n: e % 16 == 0 or e == n - 1,
         best_name="checkpoint_max_test_acc1.pth",
         tb_train=out + "_logs/train" if tb else None,
         tb_test=out + "_logs/te" if tb else None,
         tb_scalars=lambda s: (
-            {"train_loss": s.train_loss, "train_acc1": s.train_acc1, "train_acc5": s.train_acc5,
+            {"train_loss": s.train_loss, "train_acc1": s.train_acc, "train_acc5": s.train_acc5,
              "lagsum": s.lagsum},
-            {"test_loss": s.test_loss, "test_acc1": s.test_acc1, "test_acc5": s.test_acc5}),
+            {"test_loss": s.test_loss, "test_acc1": s.test_acc, "test_acc5": s.test_acc5}),
         args_txt=out + "_logs/args.txt" if tb else None,
         final_weights=pretrained_path(args.model) if fp32 else prequantized_path(args.model,
                                                                                  args.quant),
@@ -153,7 +154,7 @@ def main(argv=None, fp32: bool = False) -> None:
     )
     settings = engine.Settings(
         epochs=args.epochs, lr=args.lr, lr_lambda=args.lr_lambda, momentum=args.momentum,
-        weight_decay=args.weight_decay, adam=args.adam, amp=args.amp,
+        weight_decay=args.weight_decay, adam=args.adam, amp=args.amp, compile=args.compile,
         amp_reference_clip=args.amp_reference_clip, period=args.period,
         print_freq=args.print_freq, resume=args.resume or None, start_epoch=args.start_epoch,
         cos_lr_T=args.cos_lr_T if fp32 else None, rank_state_dir=args.rank_state_dir)

@@ -98,6 +98,7 @@ class Trainer:
     clip_max: float = 1.0
     best_init: float = 0.0  # best accuracy before the first epoch
     resume_flag: str = "--resume"
+    rank_state_dir: str | None = None  # every rank saves its final state there (testing)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, run: Run,
                  epochs: int, device: torch.device, controller: CBP | None = None,
@@ -252,10 +253,10 @@ class Trainer:
             "rng": rng,
         }
 
-    def resume(self, path: str, hint: str) -> dict:
+    def resume(self, path: str, hint: str, safe: tuple = ()) -> dict:
         """Load a training state written by this loop and continue after its epoch; returns
-        the whole checkpoint."""
-        state = self.run.resume(path, last_hint=hint, needs=())
+        the whole checkpoint.  ``safe``: classes the file may hold besides tensors."""
+        state = self.run.resume(path, last_hint=hint, safe=safe, needs=())
         self.restore(state, path)
         return state
 
@@ -309,7 +310,8 @@ class Trainer:
         finally:
             for w in writers.values():
                 w.close()
-        self.run.finish(self.model, self.controller, optimizer=self.optimizer)
+        self.run.finish(self.model, self.controller, optimizer=self.optimizer,
+                        folder=self.rank_state_dir)
         return self.last
 
     def step(self, batch: Any, epoch: int, index: int) -> tuple[Any, Tensor, Tensor]:
