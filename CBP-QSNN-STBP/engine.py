@@ -12,7 +12,6 @@ from cbp import data as cbp_data
 from cbp import distributed as D
 from cbp.data import CIFAR_MEAN, CIFAR_STD  # CIFAR-10's, used for CIFAR-100 too (reference)
 from cbp.metrics import profiled
-from cbp.trainer import Epoch, Trainer
 from cbp.runtime import CHECKPOINT_SOURCE as DRIVE  # noqa: F401
 from cbp.runtime import (  # noqa: F401 (used by the scripts)
     UserError,
@@ -23,6 +22,7 @@ from cbp.runtime import (  # noqa: F401 (used by the scripts)
     progress,
     require_file,
 )
+from cbp.trainer import Epoch, Trainer
 
 from functions import Spike
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+import nir_stbp
+
 from cbp import MODES, nir_export
 from cbp import distributed as D
 from cbp.checkpoint import load_into
@@ -74,8 +76,8 @@ def main(argv=None) -> None:
     images = images.to(device)
 
     result = nir_export.write_checked(
-        lambda: nir_export.export_stbp(model, images, dt=args.dt),
-        lambda data: nir_export.compare(model, nir_export.load(data, device=device), images),
+        lambda: nir_stbp.export_stbp(model, images, dt=args.dt),
+        lambda data: nir_stbp.compare(model, nir_export.load(data, device=device), images),
         out)
     print(f"exported {out} ({args.quant}, T={args.T}, dt={args.dt:g}): round trip exact on "
           f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} layers "

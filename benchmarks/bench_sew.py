@@ -37,11 +37,11 @@ def step_time(model, x, y, device: torch.device, amp: bool, repeat: int) -> floa
     controller.start()
     s = engine.Settings(epochs=1, lr=0.1, amp=amp, show=False)
     opt = engine.build_optimizer(model, s)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    trainer = engine.step_trainer(model, opt, controller, device, s)
     batch = [(x, y)]
 
     def once():
-        engine.train_one_epoch(model, batch, opt, controller, scaler, device, s, 0)
+        trainer.train_one_epoch(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -133,7 +133,7 @@ def test_calibration_and_cbp_outputs(run_dir):
     assert list(best["net"]) == list(snn_q.state_dict())
     assert len(best["lamb"]) == 12 and best["factor"][0] == [-1.0, 0.0, 1.0]
     last = load(run_dir / f"{STEM}_last.pth")
-    assert last["epoch"] == 1 and last["g"] == 3 and "lambdas" not in last["cbp"]
+    assert last["epoch"] == 1 and last["g"] == 3 and last["trainer"]["cbp"]["g"] == 3
     assert (run_dir / f"{STEM}_0.pth").is_file() and not (run_dir / f"{STEM}_1.pth").exists()
 
     # evaluation of the saved CBP network: its weights are on the ternary levels

@@ -25,7 +25,7 @@ pytest.importorskip("nirtorch")
 
 STBP_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-STBP"
 SCRIPT = STBP_DIR / "export_nir.py"
-_model, _q_model = load_pipeline(STBP_DIR, "model", "q_model")
+_model, _q_model, stbp_nir = load_pipeline(STBP_DIR, "model", "q_model", "nir_stbp")
 Conv_SNN, Q_Conv_SNN, scale_init = _model.Conv_SNN, _q_model.Q_Conv_SNN, _model.scale_init
 LAYERS = _model.LAYER_NAMES
 
@@ -61,7 +61,7 @@ def exported(request, images, tmp_path_factory):
     quant, decay = request.param
     model = build(quant, decay)
     path = str(tmp_path_factory.mktemp("nir") / f"stbp_{quant}.nir")
-    ne.export_stbp(model, images, path)
+    stbp_nir.export_stbp(model, images, path)
     graph = ne.read(path)
     return quant, model, graph, ne.load(path)
 
@@ -119,7 +119,7 @@ def test_spikes_and_output_identical(exported, images):
     assert torch.equal(got.outputs, ref["fc3"])
     assert torch.equal(ne.rate(got.outputs), out)
     assert torch.equal(ne.rate(ne.run(gm, [images] * T)), out)
-    assert ne.compare(model, gm, images).exact
+    assert stbp_nir.compare(model, gm, images).exact
 
 
 def test_plain_threshold_differs_where_membrane_equals_threshold(images):
@@ -130,9 +130,9 @@ def test_plain_threshold_differs_where_membrane_equals_threshold(images):
         model.conv1.weight.zero_()
         model.conv1.bias.fill_(THRESH)
     assert np.float32(ne.above(THRESH)) == np.nextafter(np.float32(THRESH), np.float32(1))
-    exact = ne.compare(model, ne.load(ne.export_stbp(model, images)), images)
+    exact = stbp_nir.compare(model, ne.load(stbp_nir.export_stbp(model, images)), images)
     assert exact.exact and exact.spikes["conv1"] > 0
-    plain = ne.compare(model, ne.load(ne.export_stbp(model, images, exact_gt=False)), images)
+    plain = stbp_nir.compare(model, ne.load(stbp_nir.export_stbp(model, images, exact_gt=False)), images)
     # STBP: silent, fires, silent, ... (u = thresh, then thresh * (1 + decay)); plain: always
     neurons = images.shape[0] * model.conv1.out_channels * 32 * 32
     assert plain.mismatches["conv1"] == neurons * T // 2 and not plain.exact
@@ -143,12 +143,12 @@ def test_unsupported_layer_is_named(images):
     model.pool2 = nn.MaxPool2d(2)
     with pytest.raises(ne.NIRExportError, match=r"cannot export layer 'pool2' \(MaxPool2d\): "
                                                 r"NIR has no node for it"):
-        ne.export_stbp(model, images)
+        stbp_nir.export_stbp(model, images)
     model = build("ter", 0.25)
     model.conv3 = nn.Conv2d(model.conv3.in_channels, model.conv3.out_channels, 3, padding=1,
                             groups=2)
     with pytest.raises(ne.NIRExportError, match=r"'conv3' \(Conv2d\): grouped convolution"):
-        ne.export_stbp(model, images)
+        stbp_nir.export_stbp(model, images)
 
 
 def test_dt_is_stored_and_checked(exported):
@@ -182,11 +182,11 @@ def test_a_round_trip_that_differs_writes_nothing(images, tmp_path):
     with torch.no_grad():
         other.conv2.weight.mul_(-1.0)  # the file would not hold this network
     with pytest.raises(UserError, match=r"mismatching spikes per layer: .*net\.nir not written"):
-        ne.write_checked(lambda: ne.export_stbp(other, images),
-                         lambda data: ne.compare(model, ne.load(data), images), str(target))
+        ne.write_checked(lambda: stbp_nir.export_stbp(other, images),
+                         lambda data: stbp_nir.compare(model, ne.load(data), images), str(target))
     assert target.read_bytes() == b"old"
-    result = ne.write_checked(lambda: ne.export_stbp(model, images),
-                              lambda data: ne.compare(model, ne.load(data), images), str(target))
+    result = ne.write_checked(lambda: stbp_nir.export_stbp(model, images),
+                              lambda data: stbp_nir.compare(model, ne.load(data), images), str(target))
     assert result.exact and set(ne.read(str(target)).nodes) >= {f"{n}_lif" for n in LAYERS}
 
 
@@ -209,7 +209,7 @@ def test_script_end_to_end(tmp_path, images):
     written = tmp_path / "trained_params/STBP_DIGITS_ter.nir"
     assert written.is_file()
     gm = ne.load(str(written))
-    assert ne.compare(model, gm, images).exact
+    assert stbp_nir.compare(model, gm, images).exact
 
     assert runs[1].returncode != 0
     assert bad_out == ""

@@ -21,6 +21,7 @@ import torch
 from pipelines import pipeline_path
 
 import cbp
+from cbp.errors import UserError
 from cbp.export import load_packed
 from cbp.runtime import run_main
 
@@ -169,7 +170,9 @@ def test_dvs128_fp32_cbp_test_only(dvs_pretrained, capsys):
     assert (run.parent / "lr0.05_lrlamba0.01_logs" / "train").is_dir()
     ck = torch.load(run / "checkpoint_latest.pth", weights_only=True)  # no pickled objects
     assert ck["g"] == 4 and ck["epoch"] == 2 and len(ck["lamb"]) == 14
-    assert "lambdas" not in ck["cbp"] and "optimizer" not in ck["cbp"]  # lambda stored once
+    # the reference's multipliers are the training state's tensors (stored once)
+    assert all(a.data_ptr() == b.data_ptr()
+               for a, b in zip(ck["lamb"], ck["trainer"]["cbp"]["lambdas"]))
     assert abs(ck["ucs"] - 0.75) < 1e-12
     assert all(float(lam.min()) >= 0 for lam in ck["lamb"]) and float(ck["lamb"][0].max()) > 0
     # scale = mean|W| of the fp32 weights, frozen
@@ -220,15 +223,18 @@ def test_dvs128_resume_equivalence(dvs_pretrained, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ca["lamb"], cb["lamb"]))
     assert (ca["g"], ca["period"], ca["lagsum_pre"]) == (cb["g"], cb["period"], cb["lagsum_pre"])
     assert torch.equal(ca["progress"], cb["progress"])
-    # a checkpoint in the reference's layout (no 'cbp' / 'rng' / 'scaler' entries) resumes too
+    # the training state is what resumes: multipliers edited there come from the file, and a
+    # checkpoint in the reference's layout alone is refused with one line
     ref = torch.load(first / "checkpoint_latest.pth", weights_only=True)
-    ref = {k: v for k, v in ref.items() if k not in ("cbp", "rng", "scaler")}
-    ref["lamb"] = [lam + 0.5 for lam in ref["lamb"]]
+    ref["trainer"]["cbp"]["lambdas"] = [lam + 0.5 for lam in ref["trainer"]["cbp"]["lambdas"]]
     torch.save(ref, b / "ref.pth")
     cli("DVS128Gesture", f"{common} --epochs 3 --resume ref.pth --output-dir ./ref", b)
     cr = torch.load(b / rel.replace("logs/", "ref/") / "checkpoint_latest.pth", weights_only=True)
     assert cr["epoch"] == 2 and cr["progress"].shape == ca["progress"].shape
     assert all(float(x.min()) >= 0.5 for x in cr["lamb"])  # lambda came from the file
+    torch.save({k: v for k, v in ref.items() if k != "trainer"}, b / "bare.pth")
+    with pytest.raises(UserError, match="holds no full training state"):
+        cli("DVS128Gesture", f"{common} --epochs 3 --resume bare.pth --output-dir ./bare", b)
 
 
 def test_dvs128_errors(tmp_path, capsys):

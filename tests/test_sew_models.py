@@ -212,11 +212,12 @@ def _one_amp_step(reference_clip: bool) -> float:
     controller = cbp.CBP(model, 0.01)
     controller.start()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     x, y = torch.randn(4, 8) * 10, torch.tensor([0, 1, 2, 0])
     s = engine.Settings(epochs=1, lr=0.1, amp=True, amp_reference_clip=reference_clip, show=False)
     before = model[1].weight.detach().clone()
-    engine.train_one_epoch(model, [(x, y)], opt, controller, scaler, torch.device("cpu"), s, 0)
+    trainer = engine.step_trainer(model, opt, controller, torch.device("cpu"), s)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.train_one_epoch([(x, y)])
     return float((model[1].weight.detach() - before).abs().max())
 
 
@@ -278,11 +279,10 @@ def test_cuda_matches_cpu_and_amp_step():
     controller = cbp.CBP(gpu, 0.01)
     controller.start()
     opt = torch.optim.SGD(gpu.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda")
     s = engine.Settings(epochs=1, lr=0.1, amp=True, show=False)
     y = torch.tensor([0, 5])
-    loss, _, _ = engine.train_one_epoch(gpu, [(x, y)], opt, controller, scaler,
-                                        torch.device("cuda"), s, 0)
+    trainer = engine.step_trainer(gpu, opt, controller, torch.device("cuda"), s)
+    loss = trainer.train_one_epoch([(x, y)]).train_loss
     assert np.isfinite(loss)
     assert all(lam.is_cuda for lam in controller.lambdas)
     assert all(float(t.weight.abs().max()) <= 1.0 for t in controller.targets)

@@ -4,6 +4,7 @@ layers, quantized weights and scales, and both scripts end to end on the embedde
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 from test_tsslbp import TSSL_DIR, tssl_modules
 
 from cbp import QuantTarget, quantize
+from cbp.run import Run
 
 M = tssl_modules()
 cnns, engine, loss_f = M["cnns"], M["engine"], M["functions.loss_f"]
@@ -269,7 +271,7 @@ def test_fp32_then_cbp_then_eval(trained):
     assert last["epoch"] == 1 and last["g"] == 3 and last["ucs"] == pytest.approx(2 / 3)
     periodic = torch.load(d / "progress/DIGITS_bin_0.pth", weights_only=True)
     assert {"model_state_dict", "scale", "scales", "lamb", "g", "ucs", "period",
-            "lagsum_pre", "epoch", "optimizer", "cbp"} <= set(periodic)
+            "lagsum_pre", "epoch", "optimizer", "trainer"} <= set(periodic)
     assert [s.item() for s in periodic["scale"]] == [pre["my_scales.1"].item(),
                                                      pre["my_scales.2"].item()]
     assert (d / "runs/DIGITS_bin").is_dir()
@@ -432,8 +434,12 @@ def test_train_epoch_with_each_loss_updates_only_given_weights(tmp_path, loss):
     before = [w.detach().clone() for w in net.my_parameters]
     qweights = [net.my_parameters[i] for i in net.q_layers_list]
     opt = torch.optim.AdamW(qweights, lr=1e-2)
-    mean_loss, acc = engine.train_epoch(net, loader, loss_f.SpikeLoss(p["Network"]), opt,
-                                        torch.device("cpu"), 0, show=False)
+    args = argparse.Namespace(amp=False, compile=False, no_progress=True)
+    with Run({}, []) as run:
+        trainer = engine.TSSLTrainer(net, opt, run=run, epochs=1, device=torch.device("cpu"),
+                                     args=args, loss_fn=loss_f.SpikeLoss(p["Network"]), log=None)
+        st = trainer.train_one_epoch(loader)
+    mean_loss, acc = st.train_loss, st.train_acc
     assert mean_loss > 0 and 0 <= acc <= 100
     changed = [not torch.equal(b, w) for b, w in zip(before, net.my_parameters)]
     assert changed == [False, True, True, False]  # only the optimised (quantized) weights

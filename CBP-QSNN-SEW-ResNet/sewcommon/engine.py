@@ -325,6 +325,16 @@ class SEWTrainer(Trainer):
         return last
 
 
+def step_trainer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 controller: cbp.CBP | None, device: torch.device, s: Settings) -> SEWTrainer:
+    """A trainer that writes nothing, for stepping the SEW loop by hand (``train_one_epoch``):
+    benchmarks and tests."""
+    layout = Layout(ckpt_dir="", progress_file="", progress_row=lambda st: [],
+                    keep_epoch=lambda e, n: False, best_name="")
+    return SEWTrainer(model, optimizer, run=Run({}, []), device=device, controller=controller,
+                      settings=s, layout=layout, args=argparse.Namespace(), quant=None)
+
+
 def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         device: torch.device, s: Settings, layout: Layout, args: argparse.Namespace,
         quant: str | None) -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as D
-from .functional import _evaluate, constraint_sum, lagrangian
+from .functional import constraint_sum, constraint_values, lagrangian
 from .nn import QuantMixin, quantized_modules
 
 LAGSUM_INIT = 1e10
@@ -216,8 +216,7 @@ class CBP:
         """One ascent step on sum(lambda * Y(W.detach(); ucs)): lambda.grad = -Y."""
         self.optimizer.zero_grad(set_to_none=True)
         for t, lam, s in zip(self.targets, self.lambdas, self._scales()):
-            y, _, _ = _evaluate(t.weight, None, t.mode, s, self.ucs, True, False, False)
-            lam.grad = y.neg_()
+            lam.grad = constraint_values(t.weight, s, t.mode, self.ucs).neg_()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         D.broadcast_([lam.data for lam in self.lambdas])

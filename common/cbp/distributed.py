@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import os
+import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .errors import RankError, UserError
 
@@ -71,9 +74,6 @@ def quiet_other_ranks() -> None:
     """Only rank 0 prints to stdout; every rank still prints to stderr (errors, warnings)."""
     if rank() == 0:
         return
-    import builtins
-    import sys
-
     _print = builtins.print
 
     def _quiet(*a, **k):
@@ -125,8 +125,6 @@ def agree(error: BaseException | None) -> None:
 def _report(exc: BaseException, line: str | None) -> None:
     """Print ``error: line`` now (run_main will not print it again), then wait until every rank
     has printed."""
-    import sys
-
     if line is not None:
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), f"error: {line}\n".encode())  # one write: lines of
@@ -202,8 +200,6 @@ def split_loaders(train, test, seed: int = 0):
     every world-size-th sample (the loaders are returned unchanged otherwise)."""
     if not is_distributed():
         return train, test
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
-
     def kw(loader):
         return {"batch_size": loader.batch_size, "num_workers": loader.num_workers,
                 "pin_memory": loader.pin_memory, "collate_fn": loader.collate_fn}
@@ -217,9 +213,7 @@ def split_loaders(train, test, seed: int = 0):
 
 def set_epoch(loader, epoch: int) -> None:
     """Reshuffle a loader's ``DistributedSampler`` for ``epoch`` (no-op otherwise)."""
-    from torch.utils.data import DistributedSampler
-
-    if isinstance(loader.sampler, DistributedSampler):
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
         loader.sampler.set_epoch(epoch)
 
 

@@ -155,6 +155,12 @@ def _evaluate(
     )
 
 
+def constraint_values(weight: Tensor, scale: float, mode: str, ucs: float) -> Tensor:
+    """Y(W; ucs) elementwise, without autograd (what a multiplier update ascends on)."""
+    return _evaluate(weight, None, mode, scale, ucs, want_y=True, want_grad=False,
+                     want_sum=False)[0]
+
+
 class _Constraint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, mode: str, scale: float, ucs: float) -> Tensor:

@@ -41,6 +41,8 @@ from spikingjelly.activation_based.op_counter import (
 )
 from torch import Tensor, nn
 
+from . import distributed as D
+
 E_AC_PJ = 0.9  # 32-bit float add, 45 nm (Horowitz, ISSCC 2014)
 E_MAC_PJ = 4.6  # 32-bit float multiply (3.7 pJ) + add (0.9 pJ), 45 nm
 ENERGY_SOURCE = "45 nm, 32-bit float: E_AC 0.9 pJ, E_MAC 4.6 pJ (Horowitz, ISSCC 2014)"
@@ -384,12 +386,10 @@ def _leaf_scopes(scopes: set[str]) -> set[str]:
 def reduce_totals(t: dict[str, float]) -> dict[str, float]:
     """Sum ``totals()`` over the processes of an initialized default process group (a layer
     that one process never ran counts as zero there)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not D.is_distributed():
         return t
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, t)
+    parts: list = [None] * D.world_size()
+    torch.distributed.all_gather_object(parts, t)
     out: dict[str, float] = {}
     for part in parts:
         for k, v in part.items():
@@ -413,8 +413,6 @@ def profiled(model: nn.Module, run: Callable[[], Any], *,
     """``run()`` (an evaluation pass over ``model``) under a ``SpikeProfiler(model,
     **kwargs)``; prints the report with ``log`` on the main process.  Returns ``(run(),
     report)``."""
-    from .distributed import is_main_process
-
     with SpikeProfiler(model, **kwargs) as prof:
         result = run()
-    return result, summarize(prof, log if is_main_process() else None)
+    return result, summarize(prof, log if D.is_main_process() else None)

@@ -1,33 +1,24 @@
-"""Export the STBP network to NIR (Neuromorphic Intermediate Representation) and load it back.
+"""NIR (Neuromorphic Intermediate Representation) export and import for any network that can
+be written as a chain of plain layers and spikingjelly neurons, with a check-before-write round
+trip.
 
-The STBP network (``Conv_SNN`` / ``Q_Conv_SNN``) is rebuilt as a plain chain of
-``nn.Conv2d`` / ``nn.Linear`` layers, each followed by a spikingjelly ``CUBALIFNode``, and that
-chain is exported with spikingjelly's ``export_to_nir``.  Quantized layers contribute the weight
-their forward pass uses (``quantized_weight()``: levels x scale), so the file holds the exact
-float32 weights.
+* :func:`export` writes a single-step module (plain ``nn.Conv2d`` / ``nn.Linear`` /
+  ``nn.Flatten`` and spikingjelly neurons) with spikingjelly's ``export_to_nir``; ``dt`` and
+  the pipeline's own facts go into the graph's metadata (NIR stores no time step).
+* :func:`load` imports a graph with spikingjelly, using the ``dt`` in its metadata.
+* :func:`write_checked` writes a file only after its exact bytes, read back, reproduce the
+  network (e.g. :func:`record` compared with the network's own spikes).
+* Building blocks for layers NIR has no node for (:func:`bn_as_conv`, integer max pooling,
+  PLIF as LIF) are below.
 
-How the STBP neuron maps (``u[t] = decay * u[t-1] * (1 - s[t-1]) + I[t]``, ``s = u > thresh``):
-
-* The neuron becomes ``nir.CubaLIF`` with ``tau_syn = dt``, ``tau_mem = dt / (1 - decay)``,
-  ``r = tau_mem / dt``, ``w_in = 1``, ``v_leak = 0``, ``v_reset = 0``.  spikingjelly imports it
-  as ``CUBALIFNode(c_decay=0, v_decay=decay)`` (forward Euler), whose membrane update is
-  bitwise the STBP one.  The multiplicative reset ``(1 - s)`` equals a hard reset to 0.
-* STBP fires on ``u > thresh``; spikingjelly fires on ``u >= v_threshold``.  The exported
-  ``v_threshold`` is therefore the next float32 above ``thresh`` (``above(thresh)``), which
-  gives the same spikes on every float32 membrane value.  A simulator that applies the NIR
-  spec's ``v > v_threshold`` literally differs only when ``u`` equals that value exactly.
-* NIR does not store ``dt``; this module stores it (and decay, thresh, T) in the graph's
-  metadata, and :func:`load` uses the stored ``dt``.
-* The analog image is the input at every step (STBP computes ``conv1(image)`` once and reuses
-  it; recomputing it each step gives the same values).  The network output, the mean over T of
-  the last layer's spikes, is computed outside the graph (:func:`rate`).
+Each pipeline maps its own network onto these (``CBP-QSNN-STBP/nir_stbp.py``,
+``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``).
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -88,77 +79,6 @@ def plain_layer(name: str, layer: nn.Module) -> nn.Module:
         if layer.bias is not None:
             plain.bias.copy_(layer.bias.detach())
     return plain.requires_grad_(False)
-
-
-def stbp_neuron(decay: float, thresh: float, exact_gt: bool = True) -> nn.Module:
-    """The STBP neuron as a spikingjelly ``CUBALIFNode`` (see the module docstring).
-
-    ``exact_gt=False`` keeps ``thresh`` unchanged (fires on ``u >= thresh``: not STBP's rule).
-    """
-    from spikingjelly.activation_based import neuron
-
-    decay, thresh = float(decay), float(thresh)
-    if not 0.0 <= decay < 1.0:
-        raise NIRExportError(f"cannot export decay {decay}: CubaLIF needs 0 <= decay < 1")
-    if not np.isfinite(thresh):
-        raise NIRExportError(f"cannot export threshold {thresh}: it must be finite")
-    return neuron.CUBALIFNode(c_decay=0.0, v_decay=decay,
-                              v_threshold=above(thresh) if exact_gt else thresh, v_reset=0.0)
-
-
-def stbp_sequential(model: nn.Module, exact_gt: bool = True) -> nn.Sequential:
-    """The STBP network as an ``nn.Sequential`` of plain layers and ``CUBALIFNode`` neurons.
-
-    ``model`` follows the ``Conv_SNN`` contract: ``decay`` and ``thresh`` attributes and a
-    ``spike`` ModuleDict whose keys name its layers in firing order; every layer's output
-    feeds a neuron, and the feature map is flattened before the first linear layer.
-    """
-    names = list(getattr(model, "spike", {}))
-    if not names:
-        raise NIRExportError(f"cannot export {type(model).__name__}: it has no 'spike' "
-                             "ModuleDict naming its spiking layers")
-    parts: OrderedDict[str, nn.Module] = OrderedDict()
-    flat = False
-    for name in names:
-        layer = getattr(model, name, None)
-        if layer is None:
-            raise NIRExportError(f"cannot export layer '{name}': the model has no such layer")
-        plain = plain_layer(name, layer)
-        if isinstance(plain, nn.Linear) and not flat:
-            if parts:
-                parts["flatten"] = nn.Flatten()
-            flat = True
-        elif isinstance(plain, nn.Conv2d) and flat:
-            raise NIRExportError(f"cannot export layer '{name}' ({type(layer).__name__}): a "
-                                 "convolution after a linear layer is not the STBP layout")
-        parts[name] = plain
-        parts[name + NEURON_SUFFIX] = stbp_neuron(model.decay, model.thresh, exact_gt)
-    return nn.Sequential(parts).eval()
-
-
-def export_stbp(
-    model: nn.Module,
-    example_image: Tensor,
-    path: str | None = None,
-    dt: float = DEFAULT_DT,
-    exact_gt: bool = True,
-) -> nir.NIRGraph:
-    """Export the STBP ``model`` as a ``nir.NIRGraph`` (written atomically to ``path`` if given).
-
-    ``example_image``: one input batch ``[N, C, H, W]`` (or one image ``[C, H, W]``); only its
-    shape is used.  The graph's input is the image, its output the last layer's spikes (one
-    step); ``dt``, decay, thresh and T are stored in ``graph.metadata``.
-    """
-    seq = stbp_sequential(model, exact_gt)
-    example = example_image.detach()[:1] if example_image.dim() == 4 else example_image[None]
-    example = example.to(next(seq.parameters()).device)
-    return export(seq, example, path, dt, metadata={
-        "decay": float(model.decay),
-        "thresh": float(model.thresh),
-        "timesteps": int(getattr(model, "T", 0)),
-        "firing": "v >= v_threshold = next float32 above thresh (STBP: v > thresh)"
-        if exact_gt else "v >= v_threshold = thresh",
-    })
 
 
 def write_checked(make_graph: Callable[[], nir.NIRGraph], check: Callable[[bytes], Any],
@@ -286,23 +206,6 @@ def rate(outputs: Tensor) -> Tensor:
     return outputs.sum(0) / outputs.shape[0]
 
 
-@torch.no_grad()
-def stbp_recording(model: nn.Module, images: Tensor) -> Recording:
-    """``model(images)`` with every layer's spikes ``[T, ...]`` (hooks on ``model.spike``);
-    ``outputs`` holds the network output (the mean over T), not per-step values."""
-    steps: dict[str, list[Tensor]] = {name: [] for name in model.spike}
-    handles = [
-        m.register_forward_hook(lambda _m, _i, out, n=n: steps[n].append(out.detach().clone()))
-        for n, m in model.spike.items()
-    ]
-    try:
-        out = model(images)
-    finally:
-        for h in handles:
-            h.remove()
-    return Recording(out, {n: torch.stack(s) for n, s in steps.items()})
-
-
 def spike_mismatches(reference: dict[str, Tensor], graph: dict[str, Tensor],
                      nodes: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
     """Per layer: spikes that differ between the network (``reference[layer]``) and the graph
@@ -334,19 +237,6 @@ class RoundTrip:
         bad = {k: v for k, v in self.mismatches.items() if v}
         return (f"mismatching spikes per layer: {bad}, output max |diff| "
                 f"{self.max_output_diff:.3g}")
-
-
-@torch.no_grad()
-def compare(model: nn.Module, graph_module: nn.Module, images: Tensor) -> RoundTrip:
-    """Run ``model`` and the imported graph of it on ``images`` (T steps) and compare every
-    layer's spikes and the output."""
-    ref = stbp_recording(model, images)
-    got = record(graph_module, [images] * int(model.T))
-    mismatches, spikes = spike_mismatches(ref.spikes, got.spikes,
-                                          {n: n + NEURON_SUFFIX for n in ref.spikes})
-    out = rate(got.outputs)
-    diff = float((out - ref.outputs).abs().max()) if out.shape == ref.outputs.shape else np.inf
-    return RoundTrip(mismatches, spikes, torch.equal(out, ref.outputs), diff)
 
 
 # ----------------------------------------------------------------------------- generic pieces

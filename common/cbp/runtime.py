@@ -39,10 +39,8 @@ def run_main(main: Callable[[], Any]) -> None:
 def _leave_process_group() -> None:
     """Destroy the default process group (if any) before exiting on an error."""
     try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .checkpoint import load_into
 from .controller import CBP, EpochDecision, clip_gradients
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .run import Run
 from .runtime import Scalars, progress
 
@@ -76,8 +76,8 @@ def training_state(state: Mapping[str, Any], path: str, flag: str = "--resume"
     why it cannot be resumed and what to do instead."""
     ts = state.get("trainer") if isinstance(state, Mapping) else None
     if not isinstance(ts, Mapping):
-        raise UserError(f"cannot resume from {path}: it holds no training state this version "
-                        f"reads (an older or foreign file); start the run again without {flag}")
+        raise UserError(f"cannot resume from {path}: it holds no full training state of this "
+                        f"version (an older or foreign file); start the run again without {flag}")
     if int(ts.get("version", 0)) > SCHEMA_VERSION:
         raise UserError(f"cannot resume from {path}: it was written by a newer version "
                         f"(training state {ts['version']}); update this project")
@@ -127,6 +127,7 @@ class Trainer:
         self.history: dict[str, list[float]] = {}
         self.last: Epoch | None = None
         self.epoch = 0  # the epoch being trained
+        self.net: nn.Module = model  # what the batches run through (see network())
         self._resumed = False
 
     # ================================================================ hooks
@@ -263,20 +264,22 @@ class Trainer:
     def restore(self, state: Mapping[str, Any], path: str) -> None:
         """Continue from a checkpoint already read (``state``, read from ``path``)."""
         ts = training_state(state, path, self.resume_flag)
-        load_into(self.model, ts["model"])
+        c = self.controller
+        if (ts.get("cbp") is None) != (c is None):
+            kind, this = ("fp32", "CBP") if c is not None else ("CBP", "fp32")
+            raise UserError(f"cannot resume from {path}: it is a {kind} training state, this is "
+                            f"a {this} run")
+        try:
+            load_into(self.model, ts["model"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume from {path}: {exc}") from None
         self.optimizer.load_state_dict(ts["optimizer"])
         if self.scheduler is not None and ts.get("scheduler") is not None:
             self.scheduler.load_state_dict(ts["scheduler"])
         if self.amp and ts.get("scaler") is not None:
             self.scaler.load_state_dict(ts["scaler"])
-        if self.controller is not None:
-            if ts.get("cbp") is None:
-                raise UserError(f"cannot resume from {path}: it is an fp32 training state, "
-                                "this is a CBP run")
-            self.controller.load_state_dict(ts["cbp"])
-        elif ts.get("cbp") is not None:
-            raise UserError(f"cannot resume from {path}: it is a CBP training state, this is "
-                            "an fp32 run")
+        if c is not None:
+            c.load_state_dict(ts["cbp"])
         if ts.get("progress") is not None:
             self.rows = torch.as_tensor(ts["progress"]).tolist()
         self.best = {**self.best, **ts["best"]}
@@ -302,10 +305,10 @@ class Trainer:
         main = self.run.main
         writers = {k: Scalars(v if main else None) for k, v in (self.logdirs or {}).items()}
         self.net = self.network()
-        self.train_loader, self.test_loader = train_loader, test_loader
+        self.test_loader = test_loader
         try:
             for epoch in range(self.start_epoch, self.epochs):
-                st = self.train_epoch(epoch)
+                st = self.train_one_epoch(train_loader, epoch)
                 self.end_epoch(st, writers)
         finally:
             for w in writers.values():
@@ -338,6 +341,12 @@ class Trainer:
         self.scaler.update()
         self.after_step()
         return out, y, loss
+
+    def train_one_epoch(self, loader: Iterable, epoch: int = 0) -> Epoch:
+        """The batches of one epoch (no controller decision, evaluation or file): its
+        training measurements."""
+        self.train_loader = loader
+        return self.train_epoch(epoch)
 
     def train_epoch(self, epoch: int) -> Epoch:
         st = Epoch(epoch)
