@@ -32,7 +32,7 @@ from cbp.runtime import (
     progress,
     seed_everything,
 )
-from cbp.trainer import Trainer
+from cbp.trainer import Trainer, add_speed_flags
 
 NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "DIGITS": 10}
 NORM = {
@@ -67,9 +67,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<run name>; '' disables)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    add_speed_flags(p)
     p.add_argument("--subset", default=None, type=_positive_int,
                    help="use only the first N training and N test images (quick runs)")
 

@@ -113,11 +113,7 @@ def main(argv=None) -> None:
                              scheduler=scheduler, save_path=save_path, last=last_path,
                              logdirs={"main": f"./runs/{stem}" if args.logdir is None
                                       else args.logdir})
-        if args.resume:
-            path = last_path if args.resume == "auto" else args.resume
-            with D.collective():
-                trainer.resume(path, hint=f"resume from {last_path}")
-            print(f"resumed from {path} at epoch {trainer.start_epoch}")
+        trainer.resume_from(args.resume)
         trainer.fit(train_loader, test_loader)
     print(f"best ANN weights: {save_path}")
 

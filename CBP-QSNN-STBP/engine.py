@@ -22,7 +22,7 @@ from cbp.runtime import (  # noqa: F401 (used by the scripts)
     progress,
     require_file,
 )
-from cbp.trainer import Epoch, Trainer
+from cbp.trainer import Epoch, Trainer, add_speed_flags
 
 from functions import Spike
 
@@ -56,9 +56,7 @@ def add_common_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<run name>; '' disables)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    add_speed_flags(p)
 
 
 def loaders(args) -> tuple[DataLoader, DataLoader, int]:

@@ -86,16 +86,13 @@ def main(argv=None) -> None:
     identity = engine.identity(args, "cbp", model)
     fp32 = args.init_from or engine.pretrained_path(args.dataset)
     with Run(identity, outputs, lr_flag="--learning_rate") as run:
-        resume = None
-        if args.resume:
-            resume = last_path if args.resume == "auto" else args.resume
-        else:
+        if not args.resume:
             with D.collective():
                 engine.require_file(fp32, "pretrained fp32 checkpoint", f"download it from "
                                     f"{engine.DRIVE} or create it with: "
                                     f"{engine.fp32_command(args)}")
                 load_into(model, fp32, allow_missing=(".scale",))
-        train(args, model, train_dl, test_dl, device, outs, run, resume, name)
+        train(args, model, train_dl, test_dl, device, outs, run, name)
 
 
 class CBPTrainer(engine.STBPTrainer):
@@ -154,8 +151,7 @@ class CBPTrainer(engine.STBPTrainer):
         return f"./checkpoint/{self.name}_last.pth"
 
 
-def train(args, model, train_dl, test_dl, device, outs, run: Run, resume: str | None,
-          name: str) -> None:
+def train(args, model, train_dl, test_dl, device, outs, run: Run, name: str) -> None:
     optimizer = build_optimizer(model, args)
     # scales := mean|W_fp32| (on resume they are overwritten by the checkpoint's)
     cbp = CBP(model, args.learning_rate_lambda, period_max=args.period)
@@ -163,12 +159,7 @@ def train(args, model, train_dl, test_dl, device, outs, run: Run, resume: str | 
                          outs=outs, name=name,
                          logdirs={"main": f"./runs/{name}" if args.logdir is None
                                   else args.logdir})
-    if resume:
-        last = trainer.last_path()
-        with D.collective():
-            trainer.resume(resume, hint=f"resume from {last}")
-        print(f"resuming from {resume}")
-        print(f"resumed at epoch {trainer.start_epoch + 1}")
+    trainer.resume_from(args.resume)
     trainer.fit(train_dl, test_dl)
 
 

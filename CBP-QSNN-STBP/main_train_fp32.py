@@ -135,11 +135,7 @@ def main(argv=None) -> None:
         trainer = FP32Trainer(model, optimizer, run=run, device=device, args=args, outs=outs,
                               logdirs={"main": f"./runs/{args.dataset}_fp32"
                                        if args.logdir is None else args.logdir})
-        if args.resume:
-            path = last_path if args.resume == "auto" else args.resume
-            with D.collective():
-                trainer.resume(path, hint=f"resume from {last_path}")
-            print(f"resumed from {path} at epoch {trainer.start_epoch + 1}")
+        trainer.resume_from(args.resume)
         trainer.fit(train_dl, test_dl)
     best_acc = trainer.best["acc"]
     print(f"Best Test Accuracy : {best_acc}; pretrained weights in {pre_path}")

@@ -28,7 +28,7 @@ from cbp.runtime import (  # noqa: F401 (used by the scripts)
     progress,
     require_file,
 )
-from cbp.trainer import Trainer
+from cbp.trainer import Trainer, add_speed_flags
 
 from functions import loss_f, tsslbp
 
@@ -85,10 +85,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-logdir", type=str, default=None,
                    help="tensorboard folder (default ./runs/<name>; '' disables)")
     p.add_argument("-no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("-amp", "--amp", action="store_true",
-                   help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
-    p.add_argument("-compile", "--compile", action="store_true",
-                   help="torch.compile the network")
+    add_speed_flags(p, "-")
     p.add_argument("-resume", "--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="train: resume (default: this run's ./checkpoint/<name>_last.pth)")
 

@@ -236,11 +236,7 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
                          save_name=save_name, net_cfg=net_cfg,
                          logdirs={"main": f"./runs/{save_name}" if args.logdir is None
                                   else args.logdir})
-    if resume:
-        with D.collective():
-            state = trainer.resume(resume, hint=f"resume from {last_path} or a "
-                                   "./progress/*.pth snapshot")
-        print(f"resumed from {resume} at epoch {int(state['trainer']['epoch']) + 1}")
+    trainer.resume_from(resume)
     trainer.fit(train_dl, test_dl)
     best_acc, best_epoch = trainer.best["acc"], trainer.best["epoch"]
     log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)

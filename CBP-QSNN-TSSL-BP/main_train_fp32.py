@@ -106,10 +106,7 @@ def main(argv=None) -> None:
                               pre_path=pre_path,
                               logdirs={"main": f"./runs/{name}" if args.logdir is None
                                        else args.logdir})
-        if resume:
-            with D.collective():
-                trainer.resume(resume, hint=f"resume from {last_path}")
-            print(f"resumed from {resume} at epoch {trainer.start_epoch}")
+        trainer.resume_from(resume)
         if epochs <= trainer.start_epoch:
             raise UserError(f"nothing to do: {epochs} epochs, starting at epoch "
                             f"{trainer.start_epoch}")

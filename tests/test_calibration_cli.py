@@ -4,16 +4,13 @@ flag handling and one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import call_main, error_line, ok, run
 
 CAL_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-SNN-Calibration"
 if str(CAL_DIR) not in sys.path:
@@ -29,7 +26,6 @@ import main_train_ann as ANNMAIN  # noqa: E402
 from CIFAR.models.vgg import VGG  # noqa: E402
 
 from cbp.export import load_packed  # noqa: E402
-from cbp.runtime import run_main  # noqa: E402
 
 SMALL = ["--dataset", "DIGITS", "--dpath", ".", "--device", "cpu", "--width", "0.0625",
          "--usebn", "--subset", "192", "--batch_size", "64", "--logdir", "", "--no_progress"]
@@ -43,32 +39,10 @@ PROGRESS = ("progress/VGG16_DIGITS_w0.0625_T_2_lr_0.01_lrlambda_0.001_wd_0.0005_
             "_progress_0.txt")
 
 
-def cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(CAL_DIR / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc.stdout
 
 
-def inproc(module, argv: list[str]) -> tuple[int, str, str]:
-    """Run a script's main in this process like the command line would (exit code, out, err)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_main(lambda: module.main(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        torch.set_num_threads(before)
-    return code, out.getvalue(), err.getvalue()
 
 
 def load(path: Path):
@@ -83,8 +57,8 @@ def rows(path: Path) -> list[list[float]]:
 def run_dir(tmp_path_factory) -> Path:
     """ANN training, then conversion + light calibration + 2 CBP epochs, as subprocesses."""
     d = tmp_path_factory.mktemp("calib")
-    ok(cli("main_train_ann.py", ANN_ARGS, d))
-    out = ok(cli("main_calibration_quantize_cbp.py", CBP_ARGS + ["-epochs", "2"], d))
+    ok(run(CAL_DIR / "main_train_ann.py", ANN_ARGS, d))
+    out = ok(run(CAL_DIR / "main_calibration_quantize_cbp.py", CBP_ARGS + ["-epochs", "2"], d))
     (d / "cbp_stdout.txt").write_text(out)
     return d
 
@@ -158,11 +132,11 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, tmp_path, monkeypat
     fresh = copy_run(run_dir, tmp_path / "fresh", only_ann=True)
     (resumed / ANN_CKPT).unlink()  # resuming needs only the run's own checkpoint
     monkeypatch.chdir(resumed)
-    code, out, err = inproc(CBPMAIN, CBP_ARGS + ["-epochs", "3", "--resume"])
+    code, out, err = call_main(CBPMAIN.main, CBP_ARGS + ["-epochs", "3", "--resume"])
     assert code == 0, err
     assert "resumed trial 0" in out and "DNN-to-SNN" not in out
     monkeypatch.chdir(fresh)
-    code, out, err = inproc(CBPMAIN, CBP_ARGS + ["--epochs", "3"])
+    code, out, err = call_main(CBPMAIN.main, CBP_ARGS + ["--epochs", "3"])
     assert code == 0, err
     a, b = load(resumed / f"{STEM}_last.pth"), load(fresh / f"{STEM}_last.pth")
     assert a["epoch"] == b["epoch"] == 2
@@ -174,14 +148,14 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, tmp_path, monkeypat
     assert pa[3][:3] == pytest.approx(pb[3][:3], abs=1e-6)
     # a finished run is not repeated
     monkeypatch.chdir(resumed)
-    code, out, _ = inproc(CBPMAIN, CBP_ARGS + ["-epochs", "3", "--resume"])
+    code, out, _ = call_main(CBPMAIN.main, CBP_ARGS + ["-epochs", "3", "--resume"])
     assert code == 0 and "already finished" in out
 
 
 def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     best = load(run_dir / f"{STEM}_ckpt.pth")
-    code, out, err = inproc(CBPMAIN, CBP_ARGS + ["--evaluate", f"{STEM}_ckpt.pth"])
+    code, out, err = call_main(CBPMAIN.main, CBP_ARGS + ["--evaluate", f"{STEM}_ckpt.pth"])
     assert code == 0, err
     acc = float(out.split("test_acc=")[1].split()[0])
     assert acc == pytest.approx(best["max_test_acc"])  # the same network, the same test set
@@ -194,15 +168,15 @@ def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     c1 = best["net"]["model.features.0.conv.weight"]
     assert macs == 2 * c1.numel() * 32 * 32  # the first conv only: C_out C_in 9 x 32 x 32 x T
     monkeypatch.chdir(tmp_path)
-    code, _, err = inproc(CBPMAIN, CBP_ARGS + ["--evaluate", "missing.pth"])
+    code, _, err = call_main(CBPMAIN.main, CBP_ARGS + ["--evaluate", "missing.pth"])
     assert code == 1
-    one_error_line(err, "missing.pth")
+    error_line(err, "missing.pth")
 
 
 def test_advanced_calibration_runs(run_dir, tmp_path, monkeypatch):
     d = copy_run(run_dir, tmp_path / "adv", only_ann=True)
     monkeypatch.chdir(d)
-    code, out, err = inproc(CBPMAIN, CBP_ARGS[:-8] + [
+    code, out, err = call_main(CBPMAIN.main, CBP_ARGS[:-8] + [
         "--T", "2", "--calib", "advanced", "--quant", "bin", "--trials", "1", "-epochs", "0",
         "--wc_iters", "3", "--wc_samples", "64"])
     assert code == 0, err
@@ -215,7 +189,7 @@ def test_advanced_calibration_runs(run_dir, tmp_path, monkeypatch):
 def test_ann_resume(run_dir, tmp_path, monkeypatch):
     d = copy_run(run_dir, tmp_path / "annres")
     monkeypatch.chdir(d)
-    code, out, err = inproc(ANNMAIN, ANN_ARGS[:-1] + ["2", "--resume"])
+    code, out, err = call_main(ANNMAIN.main, ANN_ARGS[:-1] + ["2", "--resume"])
     assert code == 0, err
     assert "resumed from" in out and "Iters: 1" in out and "Iters: 0" not in out
 
@@ -259,26 +233,18 @@ def test_flags_defaults_and_fixed_options():
 # ---------------------------------------------------------------------------- bad inputs
 
 
-def one_error_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert "Traceback" not in err
-    errors = [ln for ln in lines if ln.startswith("error:") or ": error:" in ln]
-    assert len(errors) == 1, err
-    for n in needles:
-        assert n in errors[0], errors[0]
-    return errors[0]
 
 
 def test_missing_ann_checkpoint_subprocess(tmp_path):
-    proc = cli("main_calibration_quantize_cbp.py", CBP_ARGS, tmp_path)
+    proc = run(CAL_DIR / "main_calibration_quantize_cbp.py", CBP_ARGS, tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0
-    one_error_line(proc.stderr, ANN_CKPT, "main_train_ann.py")
+    error_line(proc.stderr, ANN_CKPT, "main_train_ann.py")
 
 
 @pytest.mark.parametrize("case", ["no_cifar", "no_cifar_ann", "wrong_width", "resume_nothing",
                                   "ann_resume_nothing", "cuda", "bad_quant", "bad_T"])
-def test_bad_inputs_give_one_error_line(case, run_dir, tmp_path, monkeypatch):
+def test_bad_inputs_give_error_line(case, run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module, argv, needles, code = CBPMAIN, list(CBP_ARGS), [], 1
     if case == "no_cifar":
@@ -313,6 +279,6 @@ def test_bad_inputs_give_one_error_line(case, run_dir, tmp_path, monkeypatch):
     elif case == "bad_T":
         argv += ["--T", "0"]
         needles, code = ["--T"], 2
-    rc, _, err = inproc(module, argv)
+    rc, _, err = call_main(module.main, argv)
     assert rc == code, err
-    one_error_line(err, *needles)
+    error_line(err, *needles)

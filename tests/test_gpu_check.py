@@ -44,6 +44,7 @@ def run(tmp_path, *args, **env):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_offline_cpu_run_installs_missing_wheels_and_reports(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()

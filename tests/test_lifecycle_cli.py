@@ -5,21 +5,14 @@ and every file from before the run unchanged (hashes compared)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import os
-import runpy
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from pipelines import pipeline_path
+from clitools import inproc, one_error, run, snapshot
 
 from cbp import files
 
@@ -117,63 +110,16 @@ def tssl_config(folder: Path) -> None:
     (folder / TSSL_CFG).write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def env(**extra: str) -> dict:
-    return dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                **extra)
 
 
-def cli(p: Pipeline, script: str, args: list[str], cwd: Path, **extra: str):
-    return subprocess.run([sys.executable, str(p.directory / script), *args], cwd=cwd,
-                          env=env(**extra), capture_output=True, text=True, timeout=300)
 
 
-def inproc(p: Pipeline, script: str, args: list[str], cwd: Path, monkeypatch,
-           **extra: str) -> tuple[int, str, str]:
-    """The script as ``__main__`` in this process (exit code, stdout, stderr)."""
-    for k, v in env(**extra).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(files, "_writes", 0)
-    monkeypatch.setattr(files, "_losses", 0)
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(p.directory / script), *args])
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    rng, threads = torch.get_rng_state(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pipeline_path(p.directory), contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
-            runpy.run_path(str(p.directory / script), run_name="__main__")
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        torch.set_rng_state(rng)
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
 
 
-def ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
-def one_error(code: int, err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 1, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` except the append-only logs (tensorboard event
-    files, the TSSL-BP text log)."""
-    out = {}
-    for path in folder.rglob("*"):
-        if path.is_file() and "tfevents" not in path.name and path.suffix != ".log":
-            out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def kept(before: dict[str, str], folder: Path) -> None:
@@ -200,7 +146,7 @@ def _finished(name: str, tmp_path_factory) -> tuple:
         tssl_config(d)
     with pytest.MonkeyPatch.context() as mp:
         for script, args in (p.fp32, p.cbp):
-            code, out, err = inproc(p, script, args, d, mp)
+            code, out, err = inproc(p.directory / script, args, d, mp)
             assert code == 0, out + err
         writes = files._writes  # of the CBP run
     assert (d / p.last).is_file() and (d / p.prequantized).is_file()
@@ -208,7 +154,10 @@ def _finished(name: str, tmp_path_factory) -> tuple:
     return _DONE[name]
 
 
-@pytest.fixture(params=list(PIPELINES))
+# The fault matrix exercises the one training loop: on STBP in the quick tier, on every
+# other pipeline (their files and loading code) in the slow tier.
+@pytest.fixture(params=[n if n == "STBP" else pytest.param(n, marks=pytest.mark.slow)
+                        for n in PIPELINES])
 def done(request, tmp_path_factory):
     return _finished(request.param, tmp_path_factory)
 
@@ -231,10 +180,10 @@ def test_divergence_stops_at_once_and_keeps_every_file(done, tmp_path, monkeypat
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     for (script, args), flag in ((p.fp32, p.fp32_lr or p.lr), (p.cbp, p.lr)):
-        code, _, err = inproc(p, script, args, work, monkeypatch, CBP_FAILPOINT="2:nan")
+        code, _, err = inproc(p.directory / script, args, work, monkeypatch, CBP_FAILPOINT="2:nan")
         one_error(code, err, "training diverged at epoch 0, batch 1: loss = nan", flag)
         assert snapshot(work) == before  # byte for byte, nothing added or removed
-        code, _, err = inproc(p, script, args + [flag, "1e38"], work, monkeypatch)
+        code, _, err = inproc(p.directory / script, args + [flag, "1e38"], work, monkeypatch)
         if code:  # the huge step made the loss, lagsum or weights non-finite
             one_error(code, err, "training diverged at epoch 0", flag)
             assert snapshot(work) == before
@@ -250,7 +199,7 @@ def test_a_failing_write_is_one_line_and_loses_nothing(done, nth, tmp_path, monk
     name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
-    code, _, err = inproc(p, *p.cbp, work, monkeypatch, CBP_FAILPOINT=f"{nth}:oserror")
+    code, _, err = inproc(p.directory / p.cbp[0], p.cbp[1], work, monkeypatch, CBP_FAILPOINT=f"{nth}:oserror")
     one_error(code, err, "cannot write ", "No space left on device")
     kept(before, work)
 
@@ -271,10 +220,10 @@ def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, at, t
     if name == "SNN-Calibration":
         shutil.copy(d / p.pretrained, work / p.pretrained)
     point = writes - 1 if at == "mid" else writes  # the final write is the last checkpoint
-    killed = cli(p, *p.cbp, work, CBP_FAILPOINT=f"{point}:kill")
+    killed = run(p.directory / p.cbp[0], p.cbp[1], work, CBP_FAILPOINT=f"{point}:kill")
     assert killed.returncode == -9, killed.stderr
     assert (work / p.last).is_file()  # the first epoch's state
-    code, out, err = inproc(p, p.cbp[0], p.cbp[1] + p.resume, work, monkeypatch)
+    code, out, err = inproc(p.directory / p.cbp[0], p.cbp[1] + p.resume, work, monkeypatch)
     assert code == 0, out + err
     assert "resumed" in out
     a, b = torch.load(ref / p.last, weights_only=False), torch.load(work / p.last,
@@ -288,6 +237,7 @@ def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, at, t
         _same_weights(ref / p.prequantized, work / p.prequantized)
 
 
+@pytest.mark.slow
 def test_a_kill_at_every_write_of_a_run_ends_like_the_uninterrupted_run(tmp_path_factory,
                                                                          tmp_path, monkeypatch):
     """TSSL-BP (the quickest pipeline), every write of a 2-epoch CBP run in turn: kill there,
@@ -298,10 +248,10 @@ def test_a_kill_at_every_write_of_a_run_ends_like_the_uninterrupted_run(tmp_path
         work = tmp_path / f"k{point}"
         shutil.copytree(d, work, ignore=shutil.ignore_patterns(
             "checkpoint", "logs", "progress", "*prequantized*"))
-        killed = cli(p, *p.cbp, work, CBP_FAILPOINT=f"{point}:kill")
+        killed = run(p.directory / p.cbp[0], p.cbp[1], work, CBP_FAILPOINT=f"{point}:kill")
         assert killed.returncode == -9, (point, killed.stderr)
         again = p.cbp[1] + (p.resume if (work / p.last).is_file() else [])
-        code, out, err = inproc(p, p.cbp[0], again, work, monkeypatch)
+        code, out, err = inproc(p.directory / p.cbp[0], again, work, monkeypatch)
         assert code == 0, (point, out + err)
         a, b = (torch.load(x / p.last, weights_only=False) for x in (d, work))
         assert a["epoch"] == b["epoch"], point
@@ -323,7 +273,7 @@ def test_a_second_run_on_the_same_outputs_is_refused(done, tmp_path, monkeypatch
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
     with files.OutputLock([str(work / p.last)]):
-        code, _, err = inproc(p, *p.cbp, work, monkeypatch)
+        code, _, err = inproc(p.directory / p.cbp[0], p.cbp[1], work, monkeypatch)
     one_error(code, err, "is being written by another run", p.last.split("/")[-1])
     assert snapshot(work) == before
 
@@ -333,7 +283,7 @@ def test_resume_from_another_quantization_mode_is_refused(done, tmp_path, monkey
     name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
-    code, _, err = inproc(p, p.cbp[0], p.other_mode + [p.resume[0], p.last], work, monkeypatch)
+    code, _, err = inproc(p.directory / p.cbp[0], p.other_mode + [p.resume[0], p.last], work, monkeypatch)
     one_error(code, err, "belongs to another run", "quant 'ter' (this run: 'bin')")
     assert snapshot(work) == before
 
@@ -342,7 +292,7 @@ def test_resume_from_a_weights_only_file_is_refused(done, tmp_path, monkeypatch)
     name, p, d, _ = done
     work = copy(d, tmp_path / "w")
     before = snapshot(work)
-    code, _, err = inproc(p, p.cbp[0], p.cbp[1] + [p.resume[0], p.pretrained], work,
+    code, _, err = inproc(p.directory / p.cbp[0], p.cbp[1] + [p.resume[0], p.pretrained], work,
                           monkeypatch)
     one_error(code, err, "cannot resume from", "holds no full training state")
     assert snapshot(work) == before
@@ -362,9 +312,9 @@ def test_nan_weights_are_refused_for_training_and_reported_by_eval(done, tmp_pat
         torch.save(obj, work / rel)
         keys.append(key)
     before = snapshot(work)
-    code, _, err = inproc(p, *p.cbp, work, monkeypatch)
+    code, _, err = inproc(p.directory / p.cbp[0], p.cbp[1], work, monkeypatch)
     one_error(code, err, "non-finite values", keys[0])
     assert snapshot(work) == before
-    code, out, err = inproc(p, p.cbp[0], p.eval, work, monkeypatch)
+    code, out, err = inproc(p.directory / p.cbp[0], p.eval, work, monkeypatch)
     assert code == 0, err
     assert "warning: " in err and "non-finite" in err and "Traceback" not in err

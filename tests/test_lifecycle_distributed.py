@@ -5,13 +5,12 @@ folder as it was.  (A separate file from test_lifecycle_cli.py so the two run in
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_lifecycle_cli import PIPELINES, Pipeline, _finished, copy, env, kept, snapshot
+from clitools import snapshot, torchrun
+from test_lifecycle_cli import PIPELINES, Pipeline, _finished, copy, kept
 
 
 @pytest.fixture
@@ -25,21 +24,9 @@ CPU = {"STBP": ["--device", "cpu"], "TSSL-BP": ["-device", "cpu"]}
 ONCE = {"TSSL-BP": "tiny_ter: "}  # a line each run prints once (else its arguments)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def torchrun(p: Pipeline, script: str, args: list[str], cwd: Path, **extra: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(p.directory / script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True,
-                          timeout=300)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DISTRIBUTED)
 def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_name, tmp_path):
     """torchrun, 2 gloo ranks: CBP ends with weights and multipliers bit-identical on both
@@ -49,7 +36,7 @@ def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_nam
     work = copy(d, tmp_path / "w")
     ranks = tmp_path / "ranks"
     cpu = CPU.get(name, [])
-    proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_RANK_STATE_DIR=str(ranks))
+    proc = torchrun(p.directory / p.cbp[0], p.cbp[1] + cpu, work, CBP_RANK_STATE_DIR=str(ranks))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(ranks / "rank0.pth", weights_only=True)
     r1 = torch.load(ranks / "rank1.pth", weights_only=True)
@@ -63,7 +50,7 @@ def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_nam
     _one_rank_fails(p, work, cpu)
     if name == "STBP":  # a failed write on rank 0 (the writer) ends rank 1 too
         before = snapshot(work)
-        proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:oserror@0")
+        proc = torchrun(p.directory / p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:oserror@0")
         errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
         assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
         assert errors[0].startswith("error: cannot write ") and "No space left" in errors[0]
@@ -71,6 +58,7 @@ def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_nam
         kept(before, work)
 
 
+@pytest.mark.slow
 def test_one_ranks_error_ends_every_rank_on_sew(done_by_name, tmp_path):
     p = PIPELINES["SEW-ResNet"]
     _one_rank_fails(p, copy(done_by_name("SEW-ResNet"), tmp_path / "w"), [])
@@ -78,7 +66,7 @@ def test_one_ranks_error_ends_every_rank_on_sew(done_by_name, tmp_path):
 
 def _one_rank_fails(p: Pipeline, work: Path, cpu: list[str]) -> None:
     before = snapshot(work)
-    proc = torchrun(p, p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:nan@1")
+    proc = torchrun(p.directory / p.cbp[0], p.cbp[1] + cpu, work, CBP_FAILPOINT="1:nan@1")
     assert proc.returncode != 0
     errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
     assert len(errors) == 2, proc.stderr[-3000:]

@@ -73,6 +73,7 @@ def test_device_flag_follows_the_script_style():
     assert reproduce.device_args(["-config", "c.yaml"], True) == ["-config", "c.yaml"]
 
 
+@pytest.mark.slow
 def test_digits_rows_are_evaluated(tmp_path):
     env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     out = tmp_path / "t.md"

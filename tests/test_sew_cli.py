@@ -5,12 +5,10 @@ torchrun, the reference README command lines, and clean error lines."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clitools import free_port
 from pipelines import pipeline_path
 
 import cbp
@@ -355,10 +354,6 @@ def test_imagenet_fp32_cbp_test_only(imagenet_pretrained, capsys, monkeypatch):
     assert " * Acc@1 = " in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -7,16 +7,15 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import re
 import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import ok, run
 from pipelines import load_pipeline, pipeline_path
 
 from cbp import cfs as model_cfs
@@ -76,16 +75,8 @@ QUANTIZED_COUNTS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def cli(script: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
-def check_ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc.stdout
 
 
 def load(path: Path):
@@ -255,10 +246,10 @@ def test_quantized_forward_uses_quantized_weights():
 def runs(tmp_path_factory):
     """fp32 pre-training (2 epochs) then CBP ternary (3 epochs, an update every epoch)."""
     work = tmp_path_factory.mktemp("stbp_run")
-    fp32 = cli(FP32_SCRIPT, FP32_TRAIN, work)
-    check_ok(fp32)
-    cbp_run = cli(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS)], work)
-    check_ok(cbp_run)
+    fp32 = run(FP32_SCRIPT, FP32_TRAIN, work)
+    ok(fp32)
+    cbp_run = run(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS)], work)
+    ok(cbp_run)
     return {"dir": work, "fp32": fp32, "cbp": cbp_run}
 
 
@@ -293,7 +284,7 @@ def check_metrics(out: str, conv1_weight: torch.Tensor) -> None:
 
 
 def test_fp32_eval_reports_accuracy(runs):
-    out = check_ok(cli(FP32_SCRIPT, SMALL + ["--mode", "eval"], runs["dir"]))
+    out = ok(run(FP32_SCRIPT, SMALL + ["--mode", "eval"], runs["dir"]))
     m = re.search(r"Test Accuracy: (\d+\.\d{3})", out)
     assert m, out
     best = load(runs["dir"] / "checkpoint/DIGITS_best.pth")
@@ -393,7 +384,7 @@ def test_packed_export_holds_level_values(runs):
 
 
 def test_cbp_eval_reports_best_accuracy(runs):
-    out = check_ok(cli(CBP_SCRIPT, SMALL + ["--mode", "eval", "--quant", "ter"], runs["dir"]))
+    out = ok(run(CBP_SCRIPT, SMALL + ["--mode", "eval", "--quant", "ter"], runs["dir"]))
     m = re.search(r"Test Accuracy: (\d+\.\d{3})", out)
     assert m, out
     check_metrics(out, load(runs["dir"] / PREQUANTIZED)["conv1.weight"])
@@ -404,8 +395,8 @@ def test_cbp_eval_reports_best_accuracy(runs):
 def test_resume_reproduces_uninterrupted_run(runs, tmp_path):
     (tmp_path / "trained_params").mkdir()
     shutil.copy(runs["dir"] / PRETRAINED, tmp_path / PRETRAINED)
-    check_ok(cli(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS - 1)], tmp_path))
-    out = check_ok(cli(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS), "--resume"],
+    ok(run(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS - 1)], tmp_path))
+    out = ok(run(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS), "--resume"],
                        tmp_path))
     assert f"Epoch {CBP_EPOCHS}/{CBP_EPOCHS}" in out
     assert "Epoch 1/" not in out
@@ -533,5 +524,5 @@ def test_bad_input_fails_cleanly(case, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("case", ["no_pretrained"])
 def test_bad_input_fails_cleanly_in_a_subprocess(case, tmp_path):
     script, args, expected = _prepare(case, tmp_path)
-    proc = cli(script, args, tmp_path)
+    proc = run(script, args, tmp_path)
     _check_failure(case, proc.returncode, proc.stderr, expected)

@@ -5,15 +5,13 @@ layers, quantized weights and scales, and both scripts end to end on the embedde
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from clitools import ok, run
 from test_tsslbp import TSSL_DIR, tssl_modules
 
 from cbp import QuantTarget, quantize
@@ -206,25 +204,10 @@ def test_config_names_and_checks(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def cli(script: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
-def ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc.stdout
 
 
-def one_error_line(proc, *fragments):
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for frag in fragments:
-        assert frag in lines[0]
-    return lines[0]
 
 
 def rows(path: Path) -> list[list[float]]:
@@ -237,9 +220,9 @@ def trained(tmp_path_factory):
     result, tiny net, each through its command line."""
     d = tmp_path_factory.mktemp("tssl")
     cfg = tiny_config(d)
-    fp = ok(cli(FP32, ["-config", str(cfg), "-seed", "1"], d))
-    cb = ok(cli(CBP_SCRIPT, ["-config", str(cfg), "-mode", "train", "-seed", "1"], d))
-    ev = ok(cli(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval"], d))
+    fp = ok(run(FP32, ["-config", str(cfg), "-seed", "1"], d))
+    cb = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-mode", "train", "-seed", "1"], d))
+    ev = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval"], d))
     return d, cfg, fp, cb, ev
 
 
@@ -346,7 +329,7 @@ def test_authors_format_eval_recomputes_scales_from_fp32(trained, tmp_path, monk
     bare = {k: v for k, v in pre.items() if k.startswith("my_parameters.")}
     ref_file = tmp_path / "authors.pth"
     torch.save(bare, ref_file)
-    out = ok(cli(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval", "-checkpoint", str(ref_file),
+    out = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval", "-checkpoint", str(ref_file),
                               "-logdir", ""], d))
     # same weights, scales recomputed from the same fp32 file -> same accuracy
     assert accuracy(out) == pytest.approx(accuracy(ev))
@@ -367,8 +350,8 @@ def test_resume_continues_exactly(trained, tmp_path):
     shutil.copytree(d, b)
     (a / "trained_params").mkdir(parents=True)
     shutil.copy(d / "trained_params/TSSL_BP_DIGITS_fp32_pretrained.pth", a / "trained_params")
-    ok(cli(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", ""], a))
-    out = ok(cli(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", "",
+    ok(run(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", ""], a))
+    out = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", "",
                               "-checkpoint", "checkpoint/DIGITS_bin_last.pth"], b))
     assert "resumed from checkpoint/DIGITS_bin_last.pth at epoch 2" in out
     assert rows(a / "progress/DIGITS_bin.txt") == rows(b / "progress/DIGITS_bin.txt")

@@ -24,6 +24,7 @@ tensors shared by both are stored once.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,15 @@ def training_state(state: Mapping[str, Any], path: str, flag: str = "--resume"
         raise UserError(f"cannot resume from {path}: it was written by a newer version "
                         f"(training state {ts['version']}); update this project")
     return ts
+
+
+def add_speed_flags(parser: argparse.ArgumentParser, prefix: str = "--") -> None:
+    """The loop's opt-in speed flags ``amp`` and ``compile`` (``prefix`` "-" for pipelines
+    with single-dash flags); off by default, so every number stays as without them."""
+    parser.add_argument(f"{prefix}amp", action="store_true",
+                        help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
+    parser.add_argument(f"{prefix}compile", action="store_true",
+                        help="torch.compile the network (default: off)")
 
 
 class Trainer:
@@ -261,6 +271,17 @@ class Trainer:
         self.restore(state, path)
         return state
 
+    def resume_from(self, value: str | None, safe: tuple = ()) -> dict | None:
+        """Resume as the ``--resume [PATH]`` flag says (``auto``: :meth:`last_path`; empty: no
+        resume), every rank together; returns the checkpoint, or None."""
+        if not value:
+            return None
+        path = self.last_path() if value == "auto" else value
+        with D.collective():
+            state = self.resume(path, hint=f"resume from {self.last_path()}", safe=safe)
+        print(f"resumed from {path} at epoch {self.start_epoch}")
+        return state
+
     def restore(self, state: Mapping[str, Any], path: str) -> None:
         """Continue from a checkpoint already read (``state``, read from ``path``)."""
         ts = training_state(state, path, self.resume_flag)
@@ -404,4 +425,4 @@ class Trainer:
         self.after_epoch(st)
 
 
-__all__ = ["Epoch", "SCHEMA_VERSION", "Trainer", "autocast", "training_state"]
+__all__ = ["Epoch", "SCHEMA_VERSION", "Trainer", "add_speed_flags", "autocast", "training_state"]
