@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import snapshot, torchrun
-from test_lifecycle_cli import PIPELINES, Pipeline, _finished, copy, kept
+from test_lifecycle_cli import PIPELINES, Pipeline, _finished, copy, kept, tssl_config
 
 
 @pytest.fixture
@@ -18,8 +18,8 @@ def done_by_name(tmp_path_factory):
     """name -> a folder where that pipeline's fp32 and CBP runs have finished."""
     return lambda name: _finished(name, tmp_path_factory)[2]
 
-# SEW-ResNet's engine has its own 2-rank torchrun test (ImageNet, test_sew_cli.py)
-DISTRIBUTED = ["STBP", "TSSL-BP", "SNN-Calibration"]
+# (SEW-ResNet's ImageNet script has its own 2-rank torchrun test in test_sew_cli.py)
+DISTRIBUTED = ["STBP", "TSSL-BP", "SNN-Calibration", "SEW-ResNet"]
 CPU = {"STBP": ["--device", "cpu"], "TSSL-BP": ["-device", "cpu"]}
 ONCE = {"TSSL-BP": "tiny_ter: "}  # a line each run prints once (else its arguments)
 
@@ -62,6 +62,29 @@ def test_two_ranks_train_in_step_and_one_ranks_error_ends_both(name, done_by_nam
 def test_one_ranks_error_ends_every_rank_on_sew(done_by_name, tmp_path):
     p = PIPELINES["SEW-ResNet"]
     _one_rank_fails(p, copy(done_by_name("SEW-ResNet"), tmp_path / "w"), [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_two_ranks_of_the_fp32_script_end_identical(name, tmp_path):
+    """The fp32 (ANN) script of every pipeline under torchrun, 2 gloo ranks: both end with the
+    same weights and learning rates, only rank 0 prints, and rank 0 wrote the files."""
+    p = PIPELINES[name]
+    work = tmp_path / "w"
+    work.mkdir()
+    if name == "TSSL-BP":
+        tssl_config(work)
+    ranks = tmp_path / "ranks"
+    proc = torchrun(p.directory / p.fp32[0], p.fp32[1] + CPU.get(name, []), work,
+                    CBP_RANK_STATE_DIR=str(ranks))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(ranks / "rank0.pth", weights_only=True)
+    r1 = torch.load(ranks / "rank1.pth", weights_only=True)
+    assert r0["lr"] == r1["lr"] and r0["g"] is None and r0["lamb"] == []
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    assert proc.stdout.count(ONCE.get(name, "Namespace(")) <= 1, proc.stdout
+    assert (work / p.pretrained).is_file()
 
 
 def _one_rank_fails(p: Pipeline, work: Path, cpu: list[str]) -> None:
