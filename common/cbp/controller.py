@@ -1,7 +1,8 @@
 """The CBP controller: Algorithm 1 of constrained backpropagation.
 
 Owns one pseudo-Lagrange multiplier tensor per quantized weight, their optimizer, and the
-schedule state (g, ucs, period, lagsum_pre).  A training loop uses it as::
+schedule state (g, ucs, period, lagsum_pre).  :class:`cbp.trainer.Trainer` drives it; a
+hand-written loop would use it as::
 
     cbp = CBP(model, lr_lambda=5e-4)          # scales := mean|W| of the pretrained weights
     cbp.start()                               # initial lambda update at ucs = 0
