@@ -5,14 +5,16 @@ CBP to bin / ter / 1bit / 2bit and the documented evaluation of each result.
 
     python mini_replication.py                      # everything, about 20 min on 2 cores
     python mini_replication.py --pipelines SEW STBP --seeds 0
-    python mini_replication.py --readme             # also put the table/figure in README.md
+    python mini_replication.py --readme             # also put the table/figure in docs/
 
 STBP runs three seeds (mean and sample standard deviation); the others one.  SEW-ResNet sees
 the digits as two-polarity event frames from an emulated DVS (``sewcommon.dvs_emulator``) and the
 calibration pipeline converts a trained ANN to an SNN before CBP, so its fp32 column is the
 calibrated SNN.  Jobs run ``--jobs`` at a time with the cores split between them; a finished
 job's result (``<out>/<pipeline>/seed<k>/<mode>.json``) is reused unless ``--force``.
-Writes ``<out>/mini_replication.md`` and ``<out>/mini_replication.png``.
+Writes ``<out>/mini_replication.md`` and ``<out>/mini_replication.png``; with ``--readme``
+also the table into ``docs/mini_replication.md`` (between the ``<!-- mini:start -->`` /
+``<!-- mini:end -->`` markers) and the figure to ``docs/mini_replication.png``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from docblock import replace_block
 from reproduce import METRICS, device_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -334,18 +337,8 @@ def figure(results: dict, path: str) -> bool:
     return True
 
 
-README_START, README_END = "<!-- mini:start -->", "<!-- mini:end -->"
-
-
-def update_readme(readme: str, text: str) -> None:
-    with open(readme) as f:
-        body = f.read()
-    if README_START not in body:
-        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block")
-    head, rest = body.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    with open(readme, "w") as f:
-        f.write(f"{head}{README_START}\n{text}{README_END}{tail}")
+DOC = os.path.join(ROOT, "docs", "mini_replication.md")
+START, END = "<!-- mini:start -->", "<!-- mini:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--force", action="store_true", help="rerun jobs that already have results")
     p.add_argument("--readme", action="store_true",
-                   help="write the table into README.md and the figure into docs/")
+                   help="write the table into docs/mini_replication.md and the figure "
+                        "into docs/mini_replication.png")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -383,12 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     if drawn:
         print(f"figure: {png}")
     if args.readme:
-        os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-        fig_rel = "docs/mini_replication.png"
+        fig = "mini_replication.png"  # beside DOC, linked relative to it
         if drawn:
-            figure(results, os.path.join(ROOT, fig_rel))
-        update_readme(os.path.join(ROOT, "README.md"),
-                      text + (f"\n![accuracy vs bits per weight]({fig_rel})\n" if drawn else ""))
+            figure(results, os.path.join(os.path.dirname(DOC), fig))
+        replace_block(DOC, START, END,
+                      text + (f"\n![accuracy vs bits per weight]({fig})\n" if drawn else ""))
     failed = any(r is None for per_seed in results.values() for runs in per_seed.values()
                  for r in runs.values())
     return 1 if failed else 0

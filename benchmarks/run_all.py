@@ -1,8 +1,9 @@
 """Run every ``benchmarks/bench_*.py`` and write one table (name, baseline, ours, ratio,
-machine) into the README between the ``<!-- bench:start -->`` / ``<!-- bench:end -->`` markers.
+machine) into ``docs/benchmarks.md`` between the ``<!-- bench:start -->`` /
+``<!-- bench:end -->`` markers.
 
-    python benchmarks/run_all.py               # run all, update README.md
-    python benchmarks/run_all.py --no-readme   # only print the table
+    python benchmarks/run_all.py               # run all, update docs/benchmarks.md
+    python benchmarks/run_all.py --no-doc      # only print the table
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, "..", "README.md")
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from docblock import replace_block  # noqa: E402
+
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -41,22 +46,19 @@ def table(results: list[tuple[str, str, list[list[str]]]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str, text: str) -> None:
-    with open(path) as f:
-        s = f.read()
-    block = f"{START}\n{text}\n{END}"
-    if START in s and END in s:
-        s = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, s, flags=re.S)
-    else:
-        s = s.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(s)
+def update_doc(path: str, text: str) -> None:
+    """Replace the table between the markers of ``path`` (added at the end if it has none)."""
+    replace_block(path, START, END, text, append=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--no-readme", action="store_true")
-    p.add_argument("--readme", default=README)
+    p = argparse.ArgumentParser(description="Run every benchmarks/bench_*.py and write their "
+                                "combined table into docs/benchmarks.md.")
+    p.add_argument("--no-doc", "--no-readme", dest="no_doc", action="store_true",
+                   help="only print the table, write no file")
+    p.add_argument("--doc", "--readme", dest="doc", default=DOC, metavar="PATH",
+                   help="the markdown file whose bench block gets the table "
+                        "(default: docs/benchmarks.md)")
     p.add_argument("--pattern", default=os.path.join(HERE, "bench_*.py"))
     args = p.parse_args(argv)
     results = []
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append((name, machine, rows))
     text = table(results)
     print(text)
-    if not args.no_readme:
-        update_readme(args.readme, text)
+    if not args.no_doc:
+        update_doc(args.doc, text)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The miniature replication: job ordering, result reuse, the table, the figure, the README
-block, and one real (tiny) pipeline run end to end."""
+"""The miniature replication: job ordering, result reuse, the table, the figure, the block in
+docs/mini_replication.md, and one real (tiny) pipeline run end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import docblock  # noqa: E402
 import mini_replication as mr  # noqa: E402
 
 FAKE = """
@@ -110,7 +113,7 @@ def test_failed_job_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
     assert "| — |" in mr.markdown(res, 1.0, 2)  # the 2bit cell
 
 
-def test_cells_figure_and_readme_block(tmp_path):
+def test_cells_figure_and_doc_block(tmp_path):
     assert mr._cell([]) == "—" and mr._cell([93.25]) == "93.25"
     assert mr._cell([90.0, 92.0, 94.0]) == "92.00 ± 2.00"  # sample standard deviation
     # the calibration pipeline's fp32 column comes from the CBP runs' converted SNN
@@ -121,18 +124,45 @@ def test_cells_figure_and_readme_block(tmp_path):
                "SNN-Calibration": per_seed}
     png = tmp_path / "fig.png"
     assert mr.figure(results, str(png)) and png.read_bytes()[:4] == b"\x89PNG"
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{mr.README_START}\nold\n{mr.README_END}\ntail\n")
-    mr.update_readme(str(readme), "| new |\n")
-    assert readme.read_text() == f"# x\n{mr.README_START}\n| new |\n{mr.README_END}\ntail\n"
+    doc = tmp_path / "page.md"
+    doc.write_text(f"# x\n{mr.START}\nold\n{mr.END}\ntail\n")
+    docblock.replace_block(str(doc), mr.START, mr.END, "| new |\n")
+    assert doc.read_text() == f"# x\n{mr.START}\n| new |\n{mr.END}\ntail\n"
+    doc.write_text("# no block\n")
+    with pytest.raises(SystemExit, match="no <!-- mini:start -->"):
+        docblock.replace_block(str(doc), mr.START, mr.END, "| new |\n")
+    assert doc.read_text() == "# no block\n"  # left as it was
 
 
-def test_readme_has_the_block():
-    text = (ROOT / "README.md").read_text()
-    assert mr.README_START in text and mr.README_END in text
-    assert "mini_replication.png" in text
+def test_doc_has_the_block_and_the_figure():
+    """--readme writes into docs/mini_replication.md and the figure beside it; the README
+    links the page."""
+    assert Path(mr.DOC).resolve() == ROOT / "docs" / "mini_replication.md"
+    text = (ROOT / "docs" / "mini_replication.md").read_text()
+    assert text.count(mr.START) == 1 and text.count(mr.END) == 1
+    block = text.split(mr.START, 1)[1].split(mr.END, 1)[0]
+    assert "](mini_replication.png)" in block
+    assert (ROOT / "docs" / "mini_replication.png").is_file()
+    assert mr.START not in (ROOT / "README.md").read_text()
+    assert "docs/mini_replication.md" in (ROOT / "README.md").read_text()
 
 
+def test_readme_flag_writes_the_doc_page_and_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake_pipeline(tmp_path)})
+    doc = tmp_path / "docs" / "mini_replication.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Mini\n\n{mr.START}\nold\n{mr.END}\n\nafter\n")
+    monkeypatch.setattr(mr, "DOC", str(doc))
+    assert mr.main(["--pipelines", "STBP", "--seeds", "0", "--jobs", "2",
+                    "--out", str(tmp_path / "out"), "--readme"]) == 0
+    text = doc.read_text()
+    assert text.startswith(f"# Mini\n\n{mr.START}\n| pipeline |") and text.endswith(
+        f"![accuracy vs bits per weight](mini_replication.png)\n{mr.END}\n\nafter\n")
+    assert "| STBP | fake net |" in text and "old" not in text
+    assert (doc.parent / "mini_replication.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_tiny_sew_pipeline_end_to_end(tmp_path, monkeypatch):
     """The real SEW-ResNet scripts on DIGITS events at minimal size: fp32 -> bin -> eval."""
     real = mr.pipelines()["SEW-ResNet"]

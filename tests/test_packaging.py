@@ -119,10 +119,12 @@ def _readme_commands() -> list[tuple[str, Path, list[str]]]:
     script is looked up in the folder of the last ``cd``, of the section heading that names a
     pipeline folder, then the README's folder and the repository root."""
     out = []
-    readmes = [ROOT / "README.md", *sorted(ROOT.glob("CBP-QSNN-*/README.md"))]
+    readmes = [ROOT / "README.md", *sorted(ROOT.glob("CBP-QSNN-*/README.md")),
+               *sorted(ROOT.glob("docs/*.md"))]
     for readme in readmes:
         lines = readme.read_text().replace("\\\n", " ").splitlines()
-        section = readme.parent
+        # commands in docs/ run from the repository root
+        section = ROOT if readme.parent == ROOT / "docs" else readme.parent
         in_block = False
         for raw in lines:
             if raw.startswith("```"):
