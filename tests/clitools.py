@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from pipelines import pipeline_path
 
@@ -72,6 +73,14 @@ def inproc(script: Path, args: list[str], cwd: Path, monkeypatch,
         torch.set_rng_state(rng)
         torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
+
+
+def run_here(script: Path, args: list[str], cwd: Path,
+             **extra: str) -> subprocess.CompletedProcess:
+    """:func:`run` in this process (no interpreter start-up): the same outcome object."""
+    with pytest.MonkeyPatch.context() as mp:
+        code, out, err = inproc(script, args, cwd, mp, **extra)
+    return subprocess.CompletedProcess([str(script), *args], code, out, err)
 
 
 def call_main(main: Callable[[list[str]], object], argv: list[str]) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import call_main, error_line, ok, run
+from clitools import call_main, error_line, ok, run, run_here
 
 CAL_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-SNN-Calibration"
 if str(CAL_DIR) not in sys.path:
@@ -57,8 +57,8 @@ def rows(path: Path) -> list[list[float]]:
 def run_dir(tmp_path_factory) -> Path:
     """ANN training, then conversion + light calibration + 2 CBP epochs, as subprocesses."""
     d = tmp_path_factory.mktemp("calib")
-    ok(run(CAL_DIR / "main_train_ann.py", ANN_ARGS, d))
-    out = ok(run(CAL_DIR / "main_calibration_quantize_cbp.py", CBP_ARGS + ["-epochs", "2"], d))
+    ok(run_here(CAL_DIR / "main_train_ann.py", ANN_ARGS, d))
+    out = ok(run_here(CAL_DIR / "main_calibration_quantize_cbp.py", CBP_ARGS + ["-epochs", "2"], d))
     (d / "cbp_stdout.txt").write_text(out)
     return d
 

@@ -204,6 +204,7 @@ def test_a_failing_write_is_one_line_and_loses_nothing(done, nth, tmp_path, monk
     kept(before, work)
 
 
+@pytest.mark.slow  # the quick tier kills a write in test_run_lifecycle.py
 @pytest.mark.parametrize("at", ["mid", "last"])
 def test_a_run_killed_at_a_write_resumes_to_the_uninterrupted_result(done, at, tmp_path,
                                                                      monkeypatch):

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
-import os
 import re
 import shlex
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
 
 import pytest
+from clitools import inproc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".ci"))
@@ -160,21 +157,19 @@ def _readme_commands() -> list[tuple[str, Path, list[str]]]:
     return out
 
 
-@cache
 def _help(script: Path) -> str:
-    env = dict(os.environ, CBP_NO_PROGRESS="1")
-    res = subprocess.run([sys.executable, script.name, "--help"], cwd=script.parent, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, f"{script} --help failed: {res.stderr[-500:]}"
-    return res.stdout
+    """``script --help`` run in this process (argparse prints the help and exits first)."""
+    with pytest.MonkeyPatch.context() as mp:
+        code, out, err = inproc(script, ["--help"], script.parent, mp)
+    assert code == 0, f"{script} --help failed: {err[-500:]}"
+    return out
 
 
 def test_every_flag_in_the_readmes_is_accepted():
     commands = _readme_commands()
     scripts = sorted({c[1] for c in commands})
     assert len(scripts) >= 10
-    with ThreadPoolExecutor(2) as pool:
-        helps = dict(zip(scripts, pool.map(_help, scripts)))
+    helps = {s: _help(s) for s in scripts}
     missing = []
     for readme, script, flags in commands:
         options = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", helps[script]))

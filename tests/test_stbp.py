@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import ok, run
+from clitools import inproc, ok, run, run_here
 from pipelines import load_pipeline, pipeline_path
 
 from cbp import cfs as model_cfs
@@ -73,10 +73,6 @@ QUANTIZED_COUNTS = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-
 
 
 def load(path: Path):
@@ -246,9 +242,9 @@ def test_quantized_forward_uses_quantized_weights():
 def runs(tmp_path_factory):
     """fp32 pre-training (2 epochs) then CBP ternary (3 epochs, an update every epoch)."""
     work = tmp_path_factory.mktemp("stbp_run")
-    fp32 = run(FP32_SCRIPT, FP32_TRAIN, work)
+    fp32 = run_here(FP32_SCRIPT, FP32_TRAIN, work)
     ok(fp32)
-    cbp_run = run(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS)], work)
+    cbp_run = run_here(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS)], work)
     ok(cbp_run)
     return {"dir": work, "fp32": fp32, "cbp": cbp_run}
 
@@ -284,7 +280,7 @@ def check_metrics(out: str, conv1_weight: torch.Tensor) -> None:
 
 
 def test_fp32_eval_reports_accuracy(runs):
-    out = ok(run(FP32_SCRIPT, SMALL + ["--mode", "eval"], runs["dir"]))
+    out = ok(run_here(FP32_SCRIPT, SMALL + ["--mode", "eval"], runs["dir"]))
     m = re.search(r"Test Accuracy: (\d+\.\d{3})", out)
     assert m, out
     best = load(runs["dir"] / "checkpoint/DIGITS_best.pth")
@@ -384,7 +380,7 @@ def test_packed_export_holds_level_values(runs):
 
 
 def test_cbp_eval_reports_best_accuracy(runs):
-    out = ok(run(CBP_SCRIPT, SMALL + ["--mode", "eval", "--quant", "ter"], runs["dir"]))
+    out = ok(run_here(CBP_SCRIPT, SMALL + ["--mode", "eval", "--quant", "ter"], runs["dir"]))
     m = re.search(r"Test Accuracy: (\d+\.\d{3})", out)
     assert m, out
     check_metrics(out, load(runs["dir"] / PREQUANTIZED)["conv1.weight"])
@@ -392,12 +388,13 @@ def test_cbp_eval_reports_best_accuracy(runs):
     assert m.group(1) == f"{max(r[2] for r in rows[1:]):.3f}"
 
 
-def test_resume_reproduces_uninterrupted_run(runs, tmp_path):
+def test_resume_reproduces_uninterrupted_run(runs, tmp_path, monkeypatch):
     (tmp_path / "trained_params").mkdir()
     shutil.copy(runs["dir"] / PRETRAINED, tmp_path / PRETRAINED)
-    ok(run(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS - 1)], tmp_path))
-    out = ok(run(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(CBP_EPOCHS), "--resume"],
-                       tmp_path))
+    for epochs, more in ((CBP_EPOCHS - 1, []), (CBP_EPOCHS, ["--resume"])):
+        code, out, err = inproc(CBP_SCRIPT, CBP_TRAIN + ["--num_epochs", str(epochs)] + more,
+                                tmp_path, monkeypatch)
+        assert code == 0, out + err
     assert f"Epoch {CBP_EPOCHS}/{CBP_EPOCHS}" in out
     assert "Epoch 1/" not in out
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from clitools import ok, run
+from clitools import ok, run_here
 from test_tsslbp import TSSL_DIR, tssl_modules
 
 from cbp import QuantTarget, quantize
@@ -220,9 +220,9 @@ def trained(tmp_path_factory):
     result, tiny net, each through its command line."""
     d = tmp_path_factory.mktemp("tssl")
     cfg = tiny_config(d)
-    fp = ok(run(FP32, ["-config", str(cfg), "-seed", "1"], d))
-    cb = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-mode", "train", "-seed", "1"], d))
-    ev = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval"], d))
+    fp = ok(run_here(FP32, ["-config", str(cfg), "-seed", "1"], d))
+    cb = ok(run_here(CBP_SCRIPT, ["-config", str(cfg), "-mode", "train", "-seed", "1"], d))
+    ev = ok(run_here(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval"], d))
     return d, cfg, fp, cb, ev
 
 
@@ -329,7 +329,7 @@ def test_authors_format_eval_recomputes_scales_from_fp32(trained, tmp_path, monk
     bare = {k: v for k, v in pre.items() if k.startswith("my_parameters.")}
     ref_file = tmp_path / "authors.pth"
     torch.save(bare, ref_file)
-    out = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval", "-checkpoint", str(ref_file),
+    out = ok(run_here(CBP_SCRIPT, ["-config", str(cfg), "-mode", "eval", "-checkpoint", str(ref_file),
                               "-logdir", ""], d))
     # same weights, scales recomputed from the same fp32 file -> same accuracy
     assert accuracy(out) == pytest.approx(accuracy(ev))
@@ -350,8 +350,8 @@ def test_resume_continues_exactly(trained, tmp_path):
     shutil.copytree(d, b)
     (a / "trained_params").mkdir(parents=True)
     shutil.copy(d / "trained_params/TSSL_BP_DIGITS_fp32_pretrained.pth", a / "trained_params")
-    ok(run(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", ""], a))
-    out = ok(run(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", "",
+    ok(run_here(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", ""], a))
+    out = ok(run_here(CBP_SCRIPT, ["-config", str(cfg), "-seed", "1", "-epochs", "3", "-logdir", "",
                               "-checkpoint", "checkpoint/DIGITS_bin_last.pth"], b))
     assert "resumed from checkpoint/DIGITS_bin_last.pth at epoch 2" in out
     assert rows(a / "progress/DIGITS_bin.txt") == rows(b / "progress/DIGITS_bin.txt")
