@@ -21,6 +21,7 @@ from cbp.runtime import (  # noqa: F401 (used by the scripts)
     positive_int,
     progress,
     require_file,
+    seed_everything,
 )
 from cbp.trainer import Epoch, Trainer, add_speed_flags
 
@@ -76,6 +77,17 @@ def loaders(args) -> tuple[DataLoader, DataLoader, int]:
     test_dl = DataLoader(test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     train_dl, test_dl = D.split_loaders(train_dl, test_dl, args.seed or 0)
     return train_dl, test_dl, NUM_CLASSES[args.dataset]
+
+
+def prepare(args) -> tuple[torch.device, DataLoader, DataLoader, int]:
+    """A script's start: device (joining torchrun's process group), the arguments printed, the
+    seed, then (train loader, test loader, number of classes) on every rank together."""
+    device = setup(args)
+    print(args)
+    seed_everything(args.seed)
+    with D.collective():
+        train_dl, test_dl, outs = loaders(args)
+    return device, train_dl, test_dl, outs
 
 
 def setup(args) -> torch.device:

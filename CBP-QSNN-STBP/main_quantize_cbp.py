@@ -23,7 +23,7 @@ from cbp import distributed as D
 from cbp.checkpoint import load_into
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
-from cbp.runtime import run_main, seed_everything
+from cbp.runtime import run_main
 from cbp.trainer import Epoch
 
 import engine
@@ -65,11 +65,8 @@ def evaluate(args, model, test_dl, device, outs) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = engine.setup(args)
-    print(args)
-    seed_everything(args.seed)
+    device, train_dl, test_dl, outs = engine.prepare(args)
     with D.collective():
-        train_dl, test_dl, outs = engine.loaders(args)
         model = Q_Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T,
                            mode=args.quant, width=args.width).to(device)
     if args.mode == "eval":

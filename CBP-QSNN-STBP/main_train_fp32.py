@@ -15,10 +15,9 @@ import argparse
 
 import torch
 
-from cbp import distributed as D
 from cbp.checkpoint import load_into
 from cbp.run import Run
-from cbp.runtime import run_main, seed_everything
+from cbp.runtime import run_main
 from cbp.trainer import Epoch
 
 import engine
@@ -102,11 +101,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = engine.setup(args)
-    print(args)
-    seed_everything(args.seed)
-    with D.collective():
-        train_dl, test_dl, outs = engine.loaders(args)
+    device, train_dl, test_dl, outs = engine.prepare(args)
     model = Conv_SNN(outs, args.decay, args.thresh, args.lens, args.batch_size, args.T, args.width).to(device)
     scale_init(model, args.init_gain)
     show = not args.no_progress

@@ -270,6 +270,12 @@ class TSSLTrainer(Trainer):
         out = dict(super().scalars(st)["main"], **{"accuracy/train": st.train_acc})
         return {"main": out}
 
+    def final_report(self, weights: str) -> None:
+        """The best epoch, in the log and on stdout, and where its weights are."""
+        best_acc, best_epoch = self.best["acc"], self.best["epoch"]
+        self.log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)
+        print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {weights}")
+
 
 @torch.no_grad()
 def test(net: Network, loader: DataLoader, device: torch.device, show: bool = True) -> float:

@@ -238,9 +238,7 @@ def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: st
                                   else args.logdir})
     trainer.resume_from(resume)
     trainer.fit(train_dl, test_dl)
-    best_acc, best_epoch = trainer.best["acc"], trainer.best["epoch"]
-    log.info("Best Accuracy: %.3f, at epoch: %d \n", best_acc, best_epoch)
-    print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
+    trainer.final_report(pre_path)
 
 
 if __name__ == "__main__":

@@ -111,9 +111,7 @@ def main(argv=None) -> None:
             raise UserError(f"nothing to do: {epochs} epochs, starting at epoch "
                             f"{trainer.start_epoch}")
         trainer.fit(train_dl, test_dl)
-    best_acc, best_epoch = trainer.best["acc"], trainer.best["epoch"]
-    log.info("Best Accuracy: %.3f, at epoch: %d", best_acc, best_epoch)
-    print(f"Best Accuracy: {best_acc:.3f} at epoch {best_epoch}; weights in {pre_path}")
+    trainer.final_report(pre_path)
 
 
 if __name__ == "__main__":
