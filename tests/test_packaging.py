@@ -198,3 +198,34 @@ def test_calibration_device_defaults_to_the_best_available():
     assert args.device is None
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert select_device(args.device).type == want
+
+
+def test_library_has_no_import_circles_and_one_error_module():
+    """``common/cbp`` imports form no circle, function-level imports included; every error type
+    is defined in ``cbp.errors`` and is a ``UserError``."""
+    import ast
+    import inspect
+
+    import cbp.errors
+
+    lib = ROOT / "common" / "cbp"
+    graph: dict[str, set[str]] = {}
+    for path in lib.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else \
+                    {a.name for a in node.names}
+            if isinstance(node, ast.ClassDef) and path.stem != "errors":
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                assert not any(b.endswith(("Error", "Exception")) for b in bases), \
+                    f"{path.name} defines the error type {node.name} (belongs in errors.py)"
+        graph[path.stem] = deps - {path.stem}
+
+    def reach(start: str, node: str, seen: set[str]) -> bool:
+        return any(d == start or (d not in seen and reach(start, d, seen | {d}))
+                   for d in graph.get(node, ()))
+
+    assert not [m for m in graph if reach(m, m, {m})], graph
+    for _, cls in inspect.getmembers(cbp.errors, inspect.isclass):
+        assert issubclass(cls, cbp.errors.UserError), cls
