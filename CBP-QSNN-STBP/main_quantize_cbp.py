@@ -103,7 +103,7 @@ class CBPTrainer(engine.STBPTrainer):
         super().__init__(*a, **kw)
 
     def batch_totals(self, output, target, loss):
-        return {"loss": float(loss.detach()) / len(self.train_loader)}
+        return {"loss": loss.detach() / len(self.train_loader)}  # read back once an epoch
 
     def train_summary(self, st: Epoch) -> None:
         st.train_loss = st.totals["loss"]

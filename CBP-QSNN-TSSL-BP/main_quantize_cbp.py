@@ -150,7 +150,7 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
                 load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset),
                                  fp32_hint(args))
         _train(args, net_cfg, net, train_dl, test_dl, device, save_name, log, run, resume,
-               last_path, pre_path)
+               pre_path)
 
 
 class CBPTrainer(engine.TSSLTrainer):
@@ -224,7 +224,7 @@ class CBPTrainer(engine.TSSLTrainer):
 
 
 def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: str, log,
-           run: Run, resume: str | None, last_path: str, pre_path: str) -> None:
+           run: Run, resume: str | None, pre_path: str) -> None:
     qweights = [net.my_parameters[i] for i in net.q_layers_list]
     optimizer = torch.optim.AdamW(qweights, lr=float(net_cfg["lr"]))
     # weight_clipper keeps the latent weights in range: the controller clamps nothing

@@ -5,12 +5,12 @@ rate, a failing write at every write, files from before the run unchanged)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -95,11 +95,6 @@ def train(folder: Path, epochs: int, quant: bool, resume: bool = False, **kw) ->
         t.clip = "value" if quant else None
         t.fit(data(), data(24, seed=1))
     return t
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file()}
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["fp32", "cbp"])
@@ -191,12 +186,12 @@ def test_compile_wraps_the_network(tmp_path):
 
 def test_nan_loss_stops_before_any_write(tmp_path, monkeypatch):
     train(tmp_path / "a", 1, quant=True)
-    before = hashes(tmp_path / "a")
+    before = snapshot(tmp_path / "a")
     monkeypatch.setattr(files, "_losses", 0)
     monkeypatch.setenv("CBP_FAILPOINT", "2:nan")  # the resumed epoch 1, batch 1
     with pytest.raises(Diverged, match="epoch 1, batch 1: loss = nan.*no file was written"):
         train(tmp_path / "a", 3, quant=True, resume=True)
-    assert hashes(tmp_path / "a") == before
+    assert snapshot(tmp_path / "a") == before
 
 
 def test_diverging_learning_rate_is_one_line(tmp_path):
@@ -243,8 +238,8 @@ def test_failing_write_loses_nothing_and_resumes_exactly(tmp_path, monkeypatch, 
 def test_fresh_run_keeps_files_from_before_it(tmp_path):
     """A new run over earlier results keeps each replaced file as <name>.bak."""
     train(tmp_path / "a", 1, quant=True)
-    before = hashes(tmp_path / "a")
+    before = snapshot(tmp_path / "a")
     train(tmp_path / "a", 1, quant=True)
-    after = hashes(tmp_path / "a")
+    after = snapshot(tmp_path / "a")
     for name, digest in before.items():
         assert after[name + ".bak"] == digest

@@ -352,12 +352,7 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
         trainer = SEWTrainer(model, optimizer, run=r, device=device, controller=controller,
                              scheduler=scheduler, settings=s, layout=layout, args=args,
                              quant=quant)
-        if s.resume:
-            latest = trainer.last_path()
-            with D.collective():
-                trainer.resume(s.resume, hint=f"resume from {latest}",
-                               safe=(argparse.Namespace,))
-            print(f"resumed from {s.resume} at epoch {trainer.start_epoch}")
+        trainer.resume_from(s.resume, safe=(argparse.Namespace,))
         trainer.fit(train_loader, test_loader)
     summary = {"max_test_acc1": trainer.best["acc"],
                "test_acc5_at_max_test_acc1": trainer.best["acc5"]}
@@ -437,8 +432,6 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
                          "model": type(model).__name__, "connect_f": connect,
                          "quant": mode or "fp32", "width": float(getattr(args, "width", 1.0)),
                          "T": getattr(args, "T", None)}
-    if p.settings.resume == "auto":
-        p.settings.resume = os.path.join(p.layout.ckpt_dir, "checkpoint_latest.pth")
     with D.collective():
         if mode and not p.settings.resume:
             load_pretrained(model, p.pretrained, p.pretrained_hint)

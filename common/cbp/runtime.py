@@ -140,6 +140,10 @@ class Scalars:
             except Exception:  # tensorboard not installed
                 self._w = None
 
+    @property
+    def enabled(self) -> bool:
+        return self._w is not None
+
     def add(self, tag: str, value: float, step: int) -> None:
         if self._w is not None:
             self._w.add_scalar(tag, float(value), step)

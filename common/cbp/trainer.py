@@ -154,7 +154,8 @@ class Trainer:
 
     def batch_totals(self, output: Any, target: Tensor, loss: Tensor) -> dict[str, float]:
         """Per-batch sums added up over the epoch (and over ranks): by default the loss
-        weighted by the batch size, top-1 hits and the sample count."""
+        weighted by the batch size, top-1 hits and the sample count.  A value may be a
+        tensor on the device (read back once, at the end of the epoch)."""
         n = target.shape[0]
         hits = int((output.detach().argmax(1) == target).sum())
         return {"loss": float(loss.detach()) * n, "correct": hits, "n": n}
@@ -246,12 +247,12 @@ class Trainer:
         raise NotImplementedError
 
     # ================================================================ state
-    def state(self, st: Epoch | None = None, rng: dict | None = None) -> dict:
+    def state(self, st: Epoch, rng: dict) -> dict:
         """The training state after epoch ``st`` (one schema for every pipeline)."""
         c = self.controller
         return {
             "version": SCHEMA_VERSION,
-            "epoch": st.epoch if st is not None else self.start_epoch - 1,
+            "epoch": st.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -324,7 +325,7 @@ class Trainer:
         if self.controller is not None and not self._resumed:
             self.controller.start()  # the initial lambda update at ucs = 0
         main = self.run.main
-        writers = {k: Scalars(v if main else None) for k, v in (self.logdirs or {}).items()}
+        writers = {k: Scalars(v if main else None) for k, v in self.logdirs.items()}
         self.net = self.network()
         self.test_loader = test_loader
         try:
@@ -353,11 +354,10 @@ class Trainer:
         if self.clip is not None:
             if self.amp and not self.amp_reference_clip:
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients
-            params = [p for p in self.clip_parameters() if p.grad is not None]
             if self.clip == "value":
-                clip_gradients(params, self.clip_max)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.clip_max)
+                clip_gradients(self.clip_parameters(), self.clip_max)
+            else:  # parameters without a gradient are skipped by both
+                torch.nn.utils.clip_grad_norm_(self.clip_parameters(), self.clip_max)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.after_step()
@@ -385,7 +385,7 @@ class Trainer:
             st.totals = totals
             self.on_batch(i, st)
         keys = sorted(totals)
-        st.totals = dict(zip(keys, D.sum_over_ranks([totals[k] for k in keys])))
+        st.totals = dict(zip(keys, D.sum_over_ranks([float(totals[k]) for k in keys])))
         self.train_summary(st)
         return st
 
@@ -407,11 +407,12 @@ class Trainer:
         row = self.row(st)
         if row is not None:
             self.rows.append(row)
-        for name, values in self.scalars(st).items():
-            w = writers.get(name)
-            if w is not None:
-                for tag, v in values.items():
-                    w.add(tag, v, st.epoch)
+        if any(w.enabled for w in writers.values()):  # (lambda_mean reads every multiplier)
+            for name, values in self.scalars(st).items():
+                w = writers.get(name)
+                if w is not None:
+                    for tag, v in values.items():
+                        w.add(tag, v, st.epoch)
         self.report(st)
         self.last = st
         rng = self.run.rng_state()  # every rank's (a collective: outside the writes)
