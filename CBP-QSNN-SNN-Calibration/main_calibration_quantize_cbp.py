@@ -10,6 +10,8 @@ Reads ./trained_params/ANN_<arch>_<wBN|woBN>_<DATASET>[_w<width>]_ckpt.pth.  Per
 ./logs/<arch>_<DS>_T<T>_<i>_<calib>_ckpt.pth (calibrated SNN), the CBP checkpoints
 ./logs/<stem>_<i>_ckpt.pth (best), _<i>_<epoch>.pth (snapshots), _<i>_last.pth (resume),
 _<i>_packed.pth (packed low-bit export), and ./progress/<arch>_<DS>_T_<T>_..._progress_<i>.txt.
+--method ste / ptq runs a baseline instead (cbp.methods) on the same calibrated SNN: its files
+carry the method after the quantization mode (..._<quant>_ste_<i>_ckpt.pth, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 import calib_engine as E
 import torch
 
-from cbp import CBP, MODES, param_groups, quantized_modules
+from cbp import CBP, MODES, methods, param_groups, quantized_modules
 from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_model, weight_memory_mbit
@@ -55,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--period", type=E.positive_int, default=20,
                    help="max period of lambda update")
     # additions
+    methods.add_method_flag(p)
     p.add_argument("--trials", type=E.positive_int, default=3,
                    help="number of trials (seeds seed, seed+1, ...)")
     p.add_argument("--wc_iters", type=E.positive_int, default=5000,
@@ -76,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def names(args, trial: int) -> dict[str, str]:
     w = E.width_tag(args.width)
     base = f"{args.arch}_{args.dataset}{w}_T{args.T}"
+    quant = f"{args.quant}{methods.suffix(args.method)}"
     stem = (f"./logs/{base}_{args.opt}_lr{args.lr}lr_lambda{args.lr_lambda}wd{args.wd}_"
-            f"{args.quant}_{trial}")
+            f"{quant}_{trial}")
     return {
         "calib": f"logs/{base}_{trial}_{args.calib}_ckpt.pth",
         "stem": stem,
@@ -85,9 +89,9 @@ def names(args, trial: int) -> dict[str, str]:
         "last": f"{stem}_last.pth",
         "packed": f"{stem}_packed.pth",
         "progress": (f"./progress/{args.arch}_{args.dataset}{w}_T_{args.T}_lr_{args.lr}_lrlambda_"
-                     f"{args.lr_lambda}_wd_{args.wd}_period_{args.period}_{args.quant}"
+                     f"{args.lr_lambda}_wd_{args.wd}_period_{args.period}_{quant}"
                      f"_progress_{trial}.txt"),
-        "run": f"{base}_{args.quant}_{args.calib}_{trial}",
+        "run": f"{base}_{quant}_{args.calib}_{trial}",
     }
 
 
@@ -130,7 +134,7 @@ def cbp_trial(args, trial, train_loader, test_loader, device, show) -> None:
     f = names(args, trial)
     outputs = [f["calib"], f["best"], f["last"], f["packed"], f["progress"],
                *(f"{f['stem']}_{e}.pth" for e in snapshot_epochs(args.epochs))]
-    identity = {"pipeline": "SNN-Calibration", "script": "cbp", "dataset": args.dataset,
+    identity = {"pipeline": "SNN-Calibration", "script": args.method, "dataset": args.dataset,
                 "arch": args.arch, "usebn": bool(args.usebn), "width": float(args.width),
                 "T": int(args.T), "calib": args.calib, "quant": args.quant}
     with Run(identity, outputs, lr_flag="--lr") as run:
@@ -263,7 +267,8 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, run: R
     """CBP epochs; ``pending`` files (the calibration checkpoint) are written with the first
     finished epoch."""
     optimizer = build_optimizer(snn_q, args)
-    cbp = CBP(snn_q, args.lr_lambda, period_max=args.period, init_scales=resume_state is None)
+    cbp = methods.controller(args.method, snn_q, args.lr_lambda, period_max=args.period,
+                             init_scales=resume_state is None)
     trainer = CBPTrainer(snn_q, optimizer, run=run, device=device, controller=cbp, args=args,
                          files=f, extras=extras, pending=pending,
                          logdirs={"main": f"./runs/{f['run']}" if args.logdir is None else

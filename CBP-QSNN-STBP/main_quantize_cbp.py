@@ -9,6 +9,8 @@ Reads ./trained_params/STBP_<dataset>_fp32_pretrained.pth; writes ./checkpoint/<
 ./progress/<dataset>_cbp_<q>_progress.txt (epoch, lagsum_pre, test acc %, CFS), the best weights as a
 plain state dict in ./trained_params/STBP_<dataset>_<q>_cbp_prequantized.pth (what --mode eval reads)
 and the packed low-bit export ./checkpoint/<dataset>_cbp_<q>_packed.pth.
+--method ste / ptq runs a baseline instead (cbp.methods): every file name has ste / ptq in
+place of cbp.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 
 import torch
 
-from cbp import CBP, MODES, param_groups
+from cbp import CBP, MODES, methods, param_groups
 from cbp import cfs as model_cfs
 from cbp import distributed as D
 from cbp.checkpoint import load_into
@@ -39,6 +41,7 @@ def parse_args(argv=None):
                    help="epochs without a lambda update before one is forced")
     p.add_argument("--init_from", type=str, default=None,
                    help="fp32 weights to start from (default ./trained_params/STBP_<dataset>_fp32_pretrained.pth)")
+    methods.add_method_flag(p)
     return p.parse_args(argv)
 
 
@@ -51,10 +54,11 @@ def build_optimizer(model, args) -> torch.optim.Optimizer:
 
 
 def evaluate(args, model, test_dl, device, outs) -> None:
-    path = engine.prequantized_path(args.dataset, args.quant)
+    path = methods.tagged(engine.prequantized_path(args.dataset, args.quant), args.method)
     cmd = (f"python main_quantize_cbp.py --dataset {args.dataset} --mode train --decay {args.decay} "
            f"--thresh {args.thresh} --lens {args.lens} --T {args.T} --quant {args.quant}"
-           + (f" --width {args.width}" if args.width != 1.0 else ""))
+           + (f" --width {args.width}" if args.width != 1.0 else "")
+           + methods.flag(args.method))
     engine.require_file(path, "prequantized checkpoint",
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
     load_into(model, path, nonfinite="warn")
@@ -73,14 +77,14 @@ def main(argv=None) -> None:
         evaluate(args, model, test_dl, device, outs)
         return
 
-    name = f"{args.dataset}_cbp_{args.quant}"
+    name = f"{args.dataset}_{args.method}_{args.quant}"
     out_dir, progress_dir = "./checkpoint", "./progress"
     last_path = f"{out_dir}/{name}_last.pth"
-    pre_path = engine.prequantized_path(args.dataset, args.quant)
+    pre_path = methods.tagged(engine.prequantized_path(args.dataset, args.quant), args.method)
     progress_path = f"{progress_dir}/{name}_progress.txt"
     outputs = [f"{out_dir}/{name}_best.pth", f"{out_dir}/{name}.pth", last_path, pre_path,
                f"{out_dir}/{name}_packed.pth", progress_path]
-    identity = engine.identity(args, "cbp", model)
+    identity = engine.identity(args, args.method, model)
     fp32 = args.init_from or engine.pretrained_path(args.dataset)
     with Run(identity, outputs, lr_flag="--learning_rate") as run:
         if not args.resume:
@@ -135,8 +139,8 @@ class CBPTrainer(engine.STBPTrainer):
         self.run.write_table(f"./progress/{self.name}_progress.txt", self.rows)
         if st.improved:
             self.run.save(self.reference_state(st, full["trainer"]), f"{out}_best.pth")
-            self.run.save(full["trainer"]["model"],
-                          engine.prequantized_path(self.args.dataset, self.args.quant))
+            self.run.save(full["trainer"]["model"], methods.tagged(
+                engine.prequantized_path(self.args.dataset, self.args.quant), self.args.method))
             self.run.save(pack_model(self.model), f"{out}_packed.pth")
         else:
             self.run.save(self.reference_state(st, full["trainer"]), f"{out}.pth")
@@ -151,7 +155,7 @@ class CBPTrainer(engine.STBPTrainer):
 def train(args, model, train_dl, test_dl, device, outs, run: Run, name: str) -> None:
     optimizer = build_optimizer(model, args)
     # scales := mean|W_fp32| (on resume they are overwritten by the checkpoint's)
-    cbp = CBP(model, args.learning_rate_lambda, period_max=args.period)
+    cbp = methods.controller(args.method, model, args.learning_rate_lambda, period_max=args.period)
     trainer = CBPTrainer(model, optimizer, run=run, device=device, controller=cbp, args=args,
                          outs=outs, name=name,
                          logdirs={"main": f"./runs/{name}" if args.logdir is None

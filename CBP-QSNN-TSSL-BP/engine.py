@@ -102,7 +102,7 @@ def identity(params: parse, script: str, dataset: str) -> dict:
     """What this run's checkpoints belong to (compared on resume)."""
     net = params["Network"]
     return {"pipeline": "TSSL-BP", "script": script, "dataset": dataset,
-            "quant": net.get("mode") if script == "cbp" else "fp32",
+            "quant": net.get("mode") if script != "fp32" else "fp32",
             "n_steps": int(net["n_steps"])}
 
 

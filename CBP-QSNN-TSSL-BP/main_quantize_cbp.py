@@ -12,7 +12,8 @@ CFS; first row zeros), ./progress/<DS>_<q>_<e>.pth every 40 epochs, ./checkpoint
 (best: net, accuracy, epoch) and its bit-packed export <DS>_<q>_packed.pth,
 ./checkpoint/<DS>_<q>_last.pth (resume with -checkpoint) and the
 best weights with their scales in ./trained_params/TSSL_BP_<DS>_<q>_cbp_prequantized.pth, the
-file -mode eval reads.
+file -mode eval reads.  -method ste / ptq runs a baseline instead (cbp.methods): its files
+carry the method (<DS>_<q>_ste.pth, TSSL_BP_<DS>_<q>_ste_prequantized.pth, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import torch
 from cnns import Network
 
-from cbp import CBP, MODES, cfs
+from cbp import CBP, MODES, cfs, methods
 from cbp import distributed as D
 from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_state_dict
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("-init_from", type=str, default=None,
                    help="fp32 weights to start from (default "
                         "./trained_params/TSSL_BP_<DS>_fp32_pretrained.pth)")
+    methods.add_method_flag(p, "-")
     return p.parse_args(argv)
 
 
@@ -67,8 +69,10 @@ def load_fp32_scales(net: Network, path: str, hint: str) -> None:
 
 def evaluate(args, params, net: Network, test_dl, device, dataset: str, log) -> float:
     mode = params["Network"]["mode"]
-    path = args.checkpoint or engine.prequantized_path(params["Network"]["dataset"], mode)
-    cmd = f"python main_quantize_cbp.py -config {args.config} -mode train"
+    path = args.checkpoint or methods.tagged(
+        engine.prequantized_path(params["Network"]["dataset"], mode), args.method)
+    cmd = (f"python main_quantize_cbp.py -config {args.config} -mode train"
+           + methods.flag(args.method, "-"))
     engine.require_file(path, "prequantized checkpoint",
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
     obj = load_file(path)
@@ -105,7 +109,7 @@ def main(argv=None) -> None:
         raise UserError(f"{args.config}: Network.mode is null; set bin, ter, 1bit or 2bit "
                         "(or pass -quant)")
     quant = args.quant or tag or mode
-    save_name = f"{dataset}_{quant}"
+    save_name = f"{dataset}_{quant}{methods.suffix(args.method)}"
     log = engine.setup_logging(f"./logs/{save_name}_{args.mode}.log")
     log.info("start parsing settings")
     log.info("finish parsing settings")
@@ -138,28 +142,28 @@ def train(args, params, net: Network, train_dl, test_dl, device, dataset: str, s
     ds, mode = net_cfg["dataset"], net_cfg["mode"]
     epochs = int(net_cfg["epochs"])
     last_path = f"./checkpoint/{save_name}_last.pth"
-    pre_path = engine.prequantized_path(ds, mode)
-    progress_path = f"./progress/{ds}_{mode}.txt"
-    snapshots = [f"./progress/{ds}_{mode}_{e}.pth" for e in range(0, epochs, SAVE_EVERY)]
+    pre_path = methods.tagged(engine.prequantized_path(ds, mode), args.method)
+    stem = f"./progress/{ds}_{mode}{methods.suffix(args.method)}"
+    progress_path = f"{stem}.txt"
+    snapshots = [f"{stem}_{e}.pth" for e in range(0, epochs, SAVE_EVERY)]
     outputs = [last_path, pre_path, progress_path, f"./checkpoint/{save_name}.pth",
                f"./checkpoint/{save_name}_packed.pth", *snapshots]
     resume = engine.resume_path(args, last_path)
-    with Run(engine.identity(params, "cbp", dataset), outputs, lr_flag="-lr") as run:
+    with Run(engine.identity(params, args.method, dataset), outputs, lr_flag="-lr") as run:
         if not resume:
             with D.collective():
                 load_fp32_scales(net, args.init_from or engine.pretrained_path(dataset),
                                  fp32_hint(args))
         _train(args, net_cfg, net, train_dl, test_dl, device, save_name, log, run, resume,
-               pre_path)
+               pre_path, stem)
 
 
 class CBPTrainer(engine.TSSLTrainer):
     """CBP on the quantized layers: the progress table (epoch, test acc %, CFS), the best
     epoch's checkpoint, weights and packed export, a snapshot every ``SAVE_EVERY`` epochs."""
 
-    def __init__(self, *a, save_name: str, net_cfg, **kw) -> None:
-        self.save_name = save_name
-        self.ds, self.mode = net_cfg["dataset"], net_cfg["mode"]
+    def __init__(self, *a, save_name: str, net_cfg, pre_path: str, stem: str, **kw) -> None:
+        self.save_name, self.pre_path, self.stem = save_name, pre_path, stem
         super().__init__(*a, **kw)
         self.max_train_acc, self.min_loss = 0.0, float("inf")
 
@@ -190,7 +194,7 @@ class CBPTrainer(engine.TSSLTrainer):
         print(f"epoch {st.epoch}: loss {st.train_loss:.4f} train {st.train_acc:.2f}% "
               f"test {st.test_acc:.2f}% (best {best:.2f}% @ {at}) lagsum {st.lagsum:.6g} "
               f"g {c.g} ucs {c.ucs:.3f} CFS {st.cfs:.6g}"
-              + (" lambda update" if st.decision.updated else ""))
+              + (" lambda update" if st.decision is not None and st.decision.updated else ""))
 
     def extra_state(self) -> dict:
         return {"scales": self.model.scales()}
@@ -205,35 +209,35 @@ class CBPTrainer(engine.TSSLTrainer):
 
     def write(self, st: Epoch, full: dict) -> None:
         run, net = self.run, self.model
-        run.write_table(f"./progress/{self.ds}_{self.mode}.txt", self.rows)
+        run.write_table(f"{self.stem}.txt", self.rows)
         weights = {**full["trainer"]["model"], **full["trainer"]["extra"]["scales"]}
         if st.improved:
             run.save({"net": weights, "accuracy": st.test_acc, "epoch": st.epoch},
                      f"./checkpoint/{self.save_name}.pth")
-            run.save(weights, engine.prequantized_path(self.ds, self.mode))
+            run.save(weights, self.pre_path)
             spec = {t.name: (t.scale, t.mode) for t in self.controller.targets}
             run.save(pack_state_dict(net.state_dict(), spec),
                      f"./checkpoint/{self.save_name}_packed.pth")
         if st.epoch % SAVE_EVERY == 0:  # resumable, with the reference's snapshot keys
             run.save({**full, "model_state_dict": full["trainer"]["model"],
                       "scale": [lay.scale.detach().clone() for lay in net.q_layers]},
-                     f"./progress/{self.ds}_{self.mode}_{st.epoch}.pth")
+                     f"{self.stem}_{st.epoch}.pth")
 
     def last_path(self) -> str:
         return f"./checkpoint/{self.save_name}_last.pth"
 
 
 def _train(args, net_cfg, net: Network, train_dl, test_dl, device, save_name: str, log,
-           run: Run, resume: str | None, pre_path: str) -> None:
+           run: Run, resume: str | None, pre_path: str, stem: str) -> None:
     qweights = [net.my_parameters[i] for i in net.q_layers_list]
     optimizer = torch.optim.AdamW(qweights, lr=float(net_cfg["lr"]))
     # weight_clipper keeps the latent weights in range: the controller clamps nothing
-    ctl = CBP(net.quant_targets(), float(net_cfg.get("lr_lambda", 1e-4)),
-              lambda_optimizer="adamw", period_max=int(net_cfg.get("period_max", PERIOD_MAX)),
+    ctl = methods.controller(args.method, net.quant_targets(),
+                             float(net_cfg.get("lr_lambda", 1e-4)), lambda_optimizer="adamw", period_max=int(net_cfg.get("period_max", PERIOD_MAX)),
               lr_decay_g=None, clamp=None, init_scales=False)
     trainer = CBPTrainer(net, optimizer, run=run, epochs=int(net_cfg["epochs"]), device=device,
                          controller=ctl, args=args, loss_fn=loss_f.SpikeLoss(net_cfg), log=log,
-                         save_name=save_name, net_cfg=net_cfg,
+                         save_name=save_name, net_cfg=net_cfg, pre_path=pre_path, stem=stem,
                          logdirs={"main": f"./runs/{save_name}" if args.logdir is None
                                   else args.logdir})
     trainer.resume_from(resume)

@@ -5,6 +5,7 @@ and every file from before the run unchanged (hashes compared)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,3 +320,51 @@ def test_nan_weights_are_refused_for_training_and_reported_by_eval(done, tmp_pat
     code, out, err = inproc(p.directory / p.cbp[0], p.eval, work, monkeypatch)
     assert code == 0, err
     assert "warning: " in err and "non-finite" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- baselines
+# (run name) what the run prints as its best accuracy, what the evaluation prints, and the
+# file the evaluation reads, for --method M
+BASELINE = {
+    "STBP": (r"Best Test Accuracy : ([0-9.]+)", r"Test Accuracy: ([0-9.]+)",
+             "trained_params/STBP_DIGITS_ter_{m}_prequantized.pth"),
+    "TSSL-BP": (r"Best Accuracy: ([0-9.]+)", r"Test Accuracy:\s+([0-9.]+)",
+                "trained_params/TSSL_BP_DIGITS_ter_{m}_prequantized.pth"),
+    "SEW-ResNet": (r"max test acc1 ([0-9.]+)", r"\* Acc@1 = ([0-9.]+)",
+                   "trained_params/SEW_ResNet_DIGITS_ter_{m}_prequantized.pth"),
+    "SNN-Calibration": (r"max_test_acc=([0-9.]+)", r"test_acc=([0-9.]+)",
+                        CAL_STEM.format(q="ter_{m}") + "_ckpt.pth"),
+}
+
+
+@pytest.mark.parametrize("method", ["ptq", pytest.param("ste", marks=pytest.mark.slow)])
+def test_baselines_write_their_own_files_and_evaluate(done, method, tmp_path, monkeypatch):
+    """--method ptq / ste next to a finished CBP run: CBP's files stay as they were, every new
+    file carries the method, the evaluation with the same flag reads the method's file and
+    reports the accuracy the run found best; PTQ trains nothing, STE keeps lambda at 0."""
+    name, p, d, _ = done
+    work = copy(d, tmp_path / "w")
+    before = snapshot(work)
+    flag = "-method" if name == "TSSL-BP" else "--method"
+    best_re, eval_re, evaluated = BASELINE[name]
+    evaluated = evaluated.format(m=method)
+    script, args = p.cbp
+    code, out, err = inproc(p.directory / script, args + [flag, method], work, monkeypatch)
+    assert code == 0, out + err
+    assert ("post-training quantization" in out) == (method == "ptq")
+    now = snapshot(work)
+    shared = [k for k in before if k.endswith("_light_ckpt.pth")]  # the calibrated SNN
+    kept(before, work)
+    assert all(now[k] == v for k, v in before.items() if k not in shared)
+    new = [k for k in now if k not in before and not k.startswith(("runs", *shared))]
+    assert evaluated in new and all(method in k for k in new), new
+    last, = [k for k in new if k.endswith(("_last.pth", "checkpoint_latest.pth"))]
+    trainer = torch.load(work / last, map_location="cpu", weights_only=False)["trainer"]
+    assert all(not lam.any() for lam in trainer["cbp"]["lambdas"])
+    assert (trainer["epoch"] == 0) if method == "ptq" else (trainer["epoch"] == 1)
+    best = float(re.findall(best_re, out)[-1])
+    eval_args = (p.eval[:-1] + [evaluated] if name == "SNN-Calibration" else p.eval)
+    code, out, err = inproc(p.directory / (p.cbp[0]), eval_args + [flag, method], work,
+                            monkeypatch)
+    assert code == 0, out + err
+    assert float(re.findall(eval_re, out)[-1]) == pytest.approx(best, abs=1e-9)

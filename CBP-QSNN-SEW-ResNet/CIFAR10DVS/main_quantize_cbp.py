@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sewcommon import data, engine  # noqa: E402
 
-from cbp import MODES  # noqa: E402
+from cbp import MODES, methods  # noqa: E402
 from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, run_main  # noqa: E402
 
 DATASET = "CIFAR10DVS"
@@ -33,8 +33,9 @@ def pretrained_path() -> str:
     return f"./trained_params/SEW_ResNet_{DATASET}_fp32_pretrained.pth"
 
 
-def prequantized_path(quant: str) -> str:
-    return f"./trained_params/SEW_ResNet_{DATASET}_{quant}_cbp_prequantized.pth"
+def prequantized_path(quant: str, method: str = "cbp") -> str:
+    return methods.tagged(f"./trained_params/SEW_ResNet_{DATASET}_{quant}_cbp_prequantized.pth",
+                          method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-model", default=None, help="SEWResNet")
     p.add_argument("-cnf", default=None, choices=["ADD", "AND", "IAND"])
     p.add_argument("-quant", default="bin", choices=list(MODES))
+    methods.add_method_flag(p, "-")
     p.add_argument("-period", default=20, type=positive_int)
     p.add_argument("-T_train", default=None, type=positive_int)
     p.add_argument("-dts_cache", default="./dts_cache")
@@ -78,7 +80,8 @@ def run_name(args: argparse.Namespace, fp32: bool) -> str:
     if fp32:
         return os.path.join(args.out_dir, name + ("_amp" if args.amp else "") + "_fp32")
     name += f"_lrlambda_{args.lr_lambda}" + ("_amp" if args.amp else "")
-    return os.path.join(args.out_dir, name + f"_period_{args.period}_{args.quant}_3")
+    return os.path.join(args.out_dir, name + f"_period_{args.period}_{args.quant}"
+                        f"{methods.suffix(args.method)}_3")
 
 
 def main(argv=None, fp32: bool = False) -> None:
@@ -107,16 +110,16 @@ def main(argv=None, fp32: bool = False) -> None:
                               {"test_loss": s.test_loss, "test_acc": s.test_acc * pct}),
         args_txt=os.path.join(out, "args.txt"),
         lr_flag="-lr",
-        final_weights=pretrained_path() if fp32 else prequantized_path(args.quant),
+        final_weights=pretrained_path() if fp32 else prequantized_path(args.quant, args.method),
     )
     settings = engine.Settings(
         epochs=args.epochs, lr=args.lr, lr_lambda=args.lr_lambda, momentum=args.momentum,
         adam=args.opt == "Adam", amp=args.amp, compile=args.compile, amp_reference_clip=args.amp_reference_clip,
-        period=args.period, T_train=args.T_train, resume=args.resume)
+        period=args.period, T_train=args.T_train, resume=args.resume, method=args.method)
     fp32_cmd = (f"python main_train_fp32.py -model SEWResNet -cnf {args.cnf} "
                 f"-data_dir {args.data_dir} -T {args.T}")
     cbp_cmd = (f"python main_quantize_cbp.py -amp -model SEWResNet -cnf {args.cnf} "
-               f"-data_dir {args.data_dir} -quant {args.quant}")
+               f"-data_dir {args.data_dir} -quant {args.quant}{methods.flag(args.method, '-')}")
 
     def report(loss: float, acc1: float, acc5: float) -> None:
         print(f"Test Loss: {loss:.5f}.. Test Accuracy: {acc1:.3f}")
@@ -128,7 +131,7 @@ def main(argv=None, fp32: bool = False) -> None:
         device=args.device, batch_size=args.b, workers=args.j, test_only=args.test_only,
         pretrained=args.pretrained or pretrained_path(),
         pretrained_hint=f"download it from {engine.DRIVE} or create it with: {fp32_cmd}",
-        prequantized=prequantized_path(args.quant),
+        prequantized=prequantized_path(args.quant, args.method),
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         drop_last_train=True, test_only_report=report,
     )

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sewcommon import data, engine  # noqa: E402
 
-from cbp import MODES  # noqa: E402
+from cbp import MODES, methods  # noqa: E402
 from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, run_main  # noqa: E402
 
 DATASET = "DVS128Gesture"
@@ -36,8 +36,9 @@ def pretrained_path(dataset: str = DATASET) -> str:
     return f"./trained_params/SEW_ResNet_{dataset}_fp32_pretrained.pth"
 
 
-def prequantized_path(quant: str, dataset: str = DATASET) -> str:
-    return f"./trained_params/SEW_ResNet_{dataset}_{quant}_cbp_prequantized.pth"
+def prequantized_path(quant: str, dataset: str = DATASET, method: str = "cbp") -> str:
+    return methods.tagged(f"./trained_params/SEW_ResNet_{dataset}_{quant}_cbp_prequantized.pth",
+                          method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adam", action="store_true", help="Adam instead of SGD")
     p.add_argument("--connect_f", type=str, choices=["ADD", "AND", "IAND"])
     p.add_argument("--quant", default="bin", choices=list(MODES))
+    methods.add_method_flag(p)
     p.add_argument("--period", default=20, type=positive_int,
                    help="max epochs between lambda updates")
     p.add_argument("--T_train", type=positive_int, help="random temporal crop while training")
@@ -109,7 +111,7 @@ def run_name(args: argparse.Namespace, fp32: bool) -> str:
     name += f"_cnf_{args.connect_f}"
     if fp32:
         return os.path.join(args.output_dir, name + "_fp32", f"lr{args.lr}")
-    name += f"_period{args.period}_{args.quant}"
+    name += f"_period{args.period}_{args.quant}{methods.suffix(args.method)}"
     return os.path.join(args.output_dir, name, f"lr{args.lr}_lrlamba{args.lr_lambda}")
 
 
@@ -150,18 +152,19 @@ def main(argv=None, fp32: bool = False) -> None:
             {"test_loss": s.test_loss, "test_acc1": s.test_acc, "test_acc5": s.test_acc5}),
         args_txt=out + "_logs/args.txt" if tb else None,
         final_weights=(pretrained_path(args.dataset) if fp32
-                       else prequantized_path(args.quant, args.dataset)),
+                       else prequantized_path(args.quant, args.dataset, args.method)),
     )
     settings = engine.Settings(
         epochs=args.epochs, lr=args.lr, lr_lambda=args.lr_lambda, momentum=args.momentum,
         weight_decay=args.weight_decay, adam=args.adam, amp=args.amp, compile=args.compile,
         amp_reference_clip=args.amp_reference_clip, period=args.period, T_train=args.T_train,
-        print_freq=args.print_freq, resume=args.resume or None, start_epoch=args.start_epoch)
+        print_freq=args.print_freq, resume=args.resume or None, start_epoch=args.start_epoch,
+        method=args.method)
     src = "--dataset DIGITS" if digits else f"--data-path {args.data_path}"
     fp32_cmd = (f"python main_train_fp32.py --model {args.model} --connect_f {args.connect_f} "
                 f"{src} --T {args.T}")
     cbp_cmd = (f"python main_quantize_cbp.py --tb --amp --model {args.model} --connect_f "
-               f"{args.connect_f} {src} --quant {args.quant}")
+               f"{args.connect_f} {src} --quant {args.quant}{methods.flag(args.method)}")
     pipeline = engine.Pipeline(
         build_model=build,
         datasets=datasets,
@@ -170,7 +173,7 @@ def main(argv=None, fp32: bool = False) -> None:
         test_only=args.test_only,
         pretrained=args.pretrained or pretrained_path(args.dataset),
         pretrained_hint=f"download it from {engine.DRIVE} or create it with: {fp32_cmd}",
-        prequantized=prequantized_path(args.quant, args.dataset),
+        prequantized=prequantized_path(args.quant, args.dataset, args.method),
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         sync_bn=args.sync_bn, dist_url=args.dist_url, world_size=args.world_size,
     )

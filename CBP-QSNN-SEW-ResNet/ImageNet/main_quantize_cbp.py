@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sewcommon import data, engine  # noqa: E402
 
-from cbp import MODES  # noqa: E402
+from cbp import MODES, methods  # noqa: E402
 from cbp.runtime import UserError, nonneg_int, positive_float, positive_int, run_main  # noqa: E402
 
 MODELS = ("sew_resnet18", "sew_resnet34", "sew_resnet50", "sew_resnet101", "sew_resnet152")
@@ -39,8 +39,9 @@ def pretrained_path(model: str) -> str:
     return f"./trained_params/sew{depth(model)}_checkpoint_319.pth"
 
 
-def prequantized_path(model: str, quant: str) -> str:
-    return f"./trained_params/SEW_ResNet_{depth(model)}_ImageNet_{quant}_cbp_prequantized.pth"
+def prequantized_path(model: str, quant: str, method: str = "cbp") -> str:
+    return methods.tagged(
+        f"./trained_params/SEW_ResNet_{depth(model)}_ImageNet_{quant}_cbp_prequantized.pth", method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect_f", type=str, choices=["ADD", "AND", "IAND"])
     p.add_argument("--zero_init_residual", action="store_true")
     p.add_argument("--quant", default="bin", choices=list(MODES))
+    methods.add_method_flag(p)
     p.add_argument("--period", default=20, type=positive_int)
     # additions
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -104,7 +106,7 @@ def run_name(args: argparse.Namespace, fp32: bool) -> str:
         name = f"{args.model}_b{args.batch_size}_lr{args.lr}_T{args.T}_cnf_{args.connect_f}_fp32"
     else:
         name = (f"{args.model}_b{args.batch_size}_lr{args.lr}_lr_lambda{args.lr_lambda}_T{args.T}"
-                f"_cnf_{args.connect_f}_P{args.period}_{args.quant}")
+                f"_cnf_{args.connect_f}_P{args.period}_{args.quant}{methods.suffix(args.method)}")
     if args.zero_init_residual:
         name += "_zi"
     if args.weight_decay:
@@ -136,7 +138,8 @@ def main(argv=None, fp32: bool = False) -> None:
     tb = args.tb
     layout = engine.Layout(
         ckpt_dir=out,
-        progress_file=os.path.join(out, f"progress_{args.model}_{args.quant}.txt"),
+        progress_file=os.path.join(out, f"progress_{args.model}_{args.quant}"
+                                        f"{methods.suffix(args.method)}.txt"),
         progress_row=lambda s: [s.epoch, s.train_acc, s.train_acc5, s.test_acc, s.test_acc5,
                                 s.train_loss, s.test_loss, s.cfs, s.lagsum_pre],
         keep_epoch=lambda e, n: e % 16 == 0 or e == n - 1,
@@ -148,8 +151,8 @@ def main(argv=None, fp32: bool = False) -> None:
              "lagsum": s.lagsum},
             {"test_loss": s.test_loss, "test_acc1": s.test_acc, "test_acc5": s.test_acc5}),
         args_txt=out + "_logs/args.txt" if tb else None,
-        final_weights=pretrained_path(args.model) if fp32 else prequantized_path(args.model,
-                                                                                 args.quant),
+        final_weights=(pretrained_path(args.model) if fp32
+                       else prequantized_path(args.model, args.quant, args.method)),
         final_wrap=fp32,
     )
     settings = engine.Settings(
@@ -157,11 +160,13 @@ def main(argv=None, fp32: bool = False) -> None:
         weight_decay=args.weight_decay, adam=args.adam, amp=args.amp, compile=args.compile,
         amp_reference_clip=args.amp_reference_clip, period=args.period,
         print_freq=args.print_freq, resume=args.resume or None, start_epoch=args.start_epoch,
-        cos_lr_T=args.cos_lr_T if fp32 else None, rank_state_dir=args.rank_state_dir)
+        cos_lr_T=args.cos_lr_T if fp32 else None, rank_state_dir=args.rank_state_dir,
+        method=args.method)
     fp32_cmd = (f"python main_train_fp32.py --model {args.model} --connect_f {args.connect_f} "
                 f"--T {args.T} --data-path {args.data_path}")
     cbp_cmd = (f"python main_quantize_cbp.py --model {args.model} --connect_f {args.connect_f} "
-               f"--T {args.T} --data-path {args.data_path} --quant {args.quant} --tb --amp")
+               f"--T {args.T} --data-path {args.data_path} --quant {args.quant} --tb --amp"
+               f"{methods.flag(args.method)}")
     pipeline = engine.Pipeline(
         build_model=build, datasets=datasets, layout=layout, settings=settings,
         quant=None if fp32 else args.quant, seed=args.seed, device=args.device,
@@ -169,7 +174,7 @@ def main(argv=None, fp32: bool = False) -> None:
         pretrained=args.pretrained or pretrained_path(args.model),
         pretrained_hint=f"download it from the SEW-ResNet release or {engine.DRIVE}, "
                         f"or create it with: {fp32_cmd}",
-        prequantized=prequantized_path(args.model, args.quant),
+        prequantized=prequantized_path(args.model, args.quant, args.method),
         prequantized_hint=f"download it from {engine.DRIVE} or create it with: {cbp_cmd}",
         sync_bn=args.sync_bn, dist_url=args.dist_url, world_size=args.world_size,
     )

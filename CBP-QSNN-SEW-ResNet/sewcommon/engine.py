@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import cbp
 from cbp import distributed as D
-from cbp import metrics
+from cbp import methods, metrics
 from cbp.checkpoint import CheckpointError, extract_state_dict, load_file, load_into
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
@@ -141,6 +141,7 @@ class Settings:
     show: bool = True
     compile: bool = False
     rank_state_dir: str | None = None  # every rank writes rank<r>.pth there at the end
+    method: str = "cbp"  # cbp, ste or ptq (cbp.methods); used when quantizing
 
 
 def build_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
@@ -343,7 +344,8 @@ def run(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
     best test accuracies (and the controller's final g / ucs)."""
     identity = layout.identity or {"pipeline": "SEW-ResNet"}
     optimizer = build_optimizer(model, s)
-    controller = cbp.CBP(model, s.lr_lambda, period_max=s.period) if quant else None
+    controller = (methods.controller(s.method, model, s.lr_lambda, period_max=s.period)
+                  if quant else None)
     scheduler = None
     if controller is None:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -430,7 +432,8 @@ def execute(p: Pipeline, args: argparse.Namespace) -> dict | None:
     connect = getattr(args, "connect_f", None) or getattr(args, "cnf", None)
     p.layout.identity = {"pipeline": "SEW-ResNet", "dataset": p.dataset,
                          "model": type(model).__name__, "connect_f": connect,
-                         "quant": mode or "fp32", "width": float(getattr(args, "width", 1.0)),
+                         "quant": mode or "fp32", "method": p.settings.method if mode else None,
+                         "width": float(getattr(args, "width", 1.0)),
                          "T": getattr(args, "T", None)}
     with D.collective():
         if mode and not p.settings.resume:

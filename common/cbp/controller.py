@@ -115,6 +115,8 @@ def cfs(model_or_targets: nn.Module | list[QuantTarget]) -> float:
 class CBP:
     """Pseudo-Lagrange multipliers and the CBP schedule for a set of quantized weights."""
 
+    method = "cbp"  # see cbp.methods for the baselines built on this schedule
+
     def __init__(
         self,
         model_or_targets: nn.Module | list[QuantTarget],

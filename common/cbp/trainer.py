@@ -321,7 +321,10 @@ class Trainer:
         return net
 
     def fit(self, train_loader: DataLoader, test_loader: DataLoader) -> Epoch | None:
-        """Train from ``start_epoch`` to ``epochs``; returns the last epoch's measurements."""
+        """Train from ``start_epoch`` to ``epochs``; returns the last epoch's measurements.
+        With a ``ptq`` controller (:mod:`cbp.methods`) nothing trains: see :meth:`post_training`."""
+        if getattr(self.controller, "method", "cbp") == "ptq":
+            return self.post_training(test_loader)
         if self.controller is not None and not self._resumed:
             self.controller.start()  # the initial lambda update at ucs = 0
         main = self.run.main
@@ -338,6 +341,24 @@ class Trainer:
         self.run.finish(self.model, self.controller, optimizer=self.optimizer,
                         folder=self.rank_state_dir)
         return self.last
+
+    def post_training(self, test_loader: DataLoader) -> Epoch:
+        """Post-training quantization: the quantized network (scales mean |W| of the loaded
+        weights) evaluated once, no training; its files are written as epoch 0's, the best."""
+        if self._resumed:
+            raise UserError("post-training quantization trains nothing, so there is nothing to "
+                            f"resume: leave out {self.resume_flag}")
+        print("post-training quantization: the loaded weights quantized, evaluated without "
+              "training")
+        self.net = self.network()
+        self.test_loader = test_loader
+        st = Epoch(0)
+        self.before_epoch(st)
+        self.run.check_epoch(self.model, st.epoch, None)
+        self.record(st, {}, best=True)
+        self.run.finish(self.model, self.controller, optimizer=self.optimizer,
+                        folder=self.rank_state_dir)
+        return st
 
     def step(self, batch: Any, epoch: int, index: int) -> tuple[Any, Tensor, Tensor]:
         """One optimizer step on ``batch``: (output, target, task loss)."""
@@ -398,11 +419,17 @@ class Trainer:
         self.run.check_epoch(self.model, st.epoch, st.lagsum if c is not None else None)
         self.schedule(st)
         self.on_decision(st)
+        self.record(st, writers)
+
+    def record(self, st: Epoch, writers: Mapping[str, Scalars], best: bool = False) -> None:
+        """Evaluate the epoch, then its best-so-far rule (``best``: it is the best), row,
+        scalars, report and files, the training state last."""
+        c = self.controller
         D.broadcast_(list(self.model.buffers()))  # evaluate rank 0's statistics everywhere
         self.evaluate(st)
         if c is not None:
             st.cfs = c.cfs()
-        st.improved = self.improved(st)
+        st.improved = True if best else self.improved(st)
         self.update_best(st)
         row = self.row(st)
         if row is not None:
