@@ -99,7 +99,10 @@ def test_weights_are_the_exact_quantized_weights(exported):
 def test_neuron_parameters(exported):
     _, model, graph, gm = exported
     node = graph.nodes["conv1" + ne.NEURON_SUFFIX]
-    assert np.all(np.asarray(node.v_threshold) == ne.above(THRESH))
+    # the NIR rule v > v_threshold is STBP's: the file holds thresh itself, spikingjelly
+    # (v >= v_threshold) the next float32 above it
+    assert np.all(np.asarray(node.v_threshold) == THRESH) and graph.metadata["firing"] == ne.FIRING
+    assert getattr(gm, "conv1" + ne.NEURON_SUFFIX).module.v_threshold == ne.above(THRESH)
     assert np.all(np.asarray(node.v_reset) == 0) and np.all(np.asarray(node.v_leak) == 0)
     lif = getattr(gm, "fc3" + ne.NEURON_SUFFIX).module
     assert lif.c_decay == 0.0 and np.float32(lif.v_decay) == np.float32(model.decay)
@@ -122,20 +125,39 @@ def test_spikes_and_output_identical(exported, images):
     assert stbp_nir.compare(model, gm, images).exact
 
 
-def test_plain_threshold_differs_where_membrane_equals_threshold(images):
-    """conv1's input current is exactly thresh at every neuron: STBP (u > thresh) stays silent
-    at step 0, an importer firing on u >= v_threshold fires unless v_threshold is above it."""
-    model = copy.deepcopy(build("fp32", 0.25))
+def at_threshold(quant: str = "fp32", decay: float = 0.25) -> nn.Module:
+    """A network whose conv1 input current is exactly thresh at every neuron and step."""
+    model = copy.deepcopy(build(quant, decay))
     with torch.no_grad():
         model.conv1.weight.zero_()
         model.conv1.bias.fill_(THRESH)
+    return model
+
+
+def test_plain_threshold_differs_where_membrane_equals_threshold(images):
+    """conv1's input current is exactly thresh at every neuron: STBP (u > thresh) stays silent
+    at step 0, as NIR's rule does; spikingjelly's import alone (u >= v_threshold) fires."""
+    model = at_threshold()
     assert np.float32(ne.above(THRESH)) == np.nextafter(np.float32(THRESH), np.float32(1))
-    exact = stbp_nir.compare(model, ne.load(stbp_nir.export_stbp(model, images)), images)
+    assert ne.above(ne.below(THRESH)) == THRESH and ne.below(1.0) == 1 - 2.0**-24
+    graph = stbp_nir.export_stbp(model, images)
+    exact = stbp_nir.compare(model, ne.load(graph), images)
     assert exact.exact and exact.spikes["conv1"] > 0
-    plain = stbp_nir.compare(model, ne.load(stbp_nir.export_stbp(model, images, exact_gt=False)), images)
+    plain = stbp_nir.compare(model, ne.load(graph, nir_rule=False), images)
     # STBP: silent, fires, silent, ... (u = thresh, then thresh * (1 + decay)); plain: always
     neurons = images.shape[0] * model.conv1.out_channels * 32 * 32
     assert plain.mismatches["conv1"] == neurons * T // 2 and not plain.exact
+
+
+def test_files_of_the_earlier_threshold_rule_load_unchanged(exported):
+    """A file whose metadata say v >= v_threshold holds spikingjelly thresholds: kept as is."""
+    _, _, graph, _ = exported
+    old = copy.deepcopy(graph)
+    ne.nir_thresholds(old, ne.above)
+    old.metadata = {**old.metadata, "firing": "v >= v_threshold = next float32 above thresh"}
+    assert not ne.spec_firing(old) and ne.spec_firing(graph)
+    lif = getattr(ne.load(old), "conv1" + ne.NEURON_SUFFIX).module
+    assert lif.v_threshold == ne.above(THRESH)
 
 
 def test_unsupported_layer_is_named(images):

@@ -164,7 +164,10 @@ def test_neuron_nodes_and_metadata(exported):
         q = plif.w.detach().sigmoid()
         assert isinstance(node, nir.LIF)
         assert np.allclose(np.asarray(node.tau), dt / float(q), rtol=1e-12, atol=0)
-        assert np.all(np.asarray(node.r) == 1) and np.all(np.asarray(node.v_threshold) == 1)
+        assert np.all(np.asarray(node.r) == 1)
+        # PLIF fires on v >= 1, NIR on v > v_threshold: the float32 below 1
+        assert np.all(np.asarray(node.v_threshold) == 1 - 2.0**-24)
+        assert imported_threshold(gm, node_name) == 1.0
         assert not np.asarray(node.v_leak).any() and not np.asarray(node.v_reset).any()
         imported = gm.get_submodule(node_name).module  # integrates with q, as PLIF does
         assert torch.equal(imported.w.detach().sigmoid(), q)
@@ -172,6 +175,10 @@ def test_neuron_nodes_and_metadata(exported):
     assert steps and all(n.split("_")[2] in ("level", "any") for n in steps)
     assert sum(isinstance(v, nir.AvgPool2d) for v in graph.nodes.values()) == 2 + 3 + 4
     assert float(graph.metadata["dt"]) == dt and int(graph.metadata["timesteps"]) == T
+
+
+def imported_threshold(gm: nn.Module, node: str) -> float:
+    return float(gm.get_submodule(node).module.v_threshold)
 
 
 def test_spikes_identical_and_logits_within_bound(exported, frames):

@@ -35,9 +35,6 @@ from .neurons import reset_net
 if TYPE_CHECKING:
     import nir
 
-FIRING = ("v >= v_threshold (spikingjelly, as the network was trained); a simulator firing on "
-          "v > v_threshold differs only where v equals v_threshold exactly")
-
 
 class ConvBN(nn.Module):
     """conv -> BatchNorm (as a 1x1 conv), single step."""
@@ -185,7 +182,7 @@ def export(net: nn.Module, frames: Tensor, path: str | None = None,
     ``frames``: an input batch ``[N, T, 2, H, W]`` (only its shape is used).  The graph maps
     one frame to that step's logits; ``dt``, T and the conventions go into its metadata."""
     single = to_single_step(net)
-    meta = {"network": type(net).__name__, "timesteps": int(frames.shape[1]), "firing": FIRING,
+    meta = {"network": type(net).__name__, "timesteps": int(frames.shape[1]),
             "input": "one event frame [2, H, W] per step",
             "output": "per-step logits; the network's logits are their mean over the steps"}
     graph = ne.export(single, frames[:1, 0], dt=dt, metadata=meta)

@@ -5,6 +5,10 @@ trip.
 * :func:`export` writes a single-step module (plain ``nn.Conv2d`` / ``nn.Linear`` /
   ``nn.Flatten`` and spikingjelly neurons) with spikingjelly's ``export_to_nir``; ``dt`` and
   the pipeline's own facts go into the graph's metadata (NIR stores no time step).
+* Thresholds follow the NIR spec: a neuron fires on ``v > v_threshold``.  spikingjelly fires on
+  ``v >= v_threshold``, so :func:`export` stores the float32 just below each spikingjelly
+  threshold (:func:`below`) and :func:`load` raises it back (:func:`above`): the same spikes
+  for every float32 membrane value, in spikingjelly and in simulators that follow the spec.
 * :func:`load` imports a graph with spikingjelly, using the ``dt`` in its metadata.
 * :func:`write_checked` writes a file only after its exact bytes, read back, reproduce the
   network (e.g. :func:`record` compared with the network's own spikes).
@@ -43,6 +47,36 @@ def above(thresh: float) -> float:
     """The next float32 after ``thresh`` towards +inf: ``u >= above(t)`` iff ``u > t`` for
     every float32 ``u``."""
     return float(np.nextafter(np.float32(thresh), np.float32(np.inf)))
+
+
+def below(thresh: float) -> float:
+    """The float32 before ``thresh`` towards -inf: ``u > below(t)`` iff ``u >= t`` for every
+    float32 ``u`` (``above(below(t)) == t``)."""
+    return float(np.nextafter(np.float32(thresh), np.float32(-np.inf)))
+
+
+FIRING = "v > v_threshold (the NIR rule)"
+SPIKINGJELLY_FIRING = "v >= v_threshold"  # the rule of files written by earlier versions
+
+
+def nir_thresholds(graph: nir.NIRGraph, shift: Callable[[float], float]) -> nir.NIRGraph:
+    """Apply ``shift`` to every neuron threshold of ``graph`` (nested graphs included), in
+    place: ``below`` turns spikingjelly thresholds into NIR ones, ``above`` the reverse."""
+    for node in graph.nodes.values():
+        if hasattr(node, "nodes"):
+            nir_thresholds(node, shift)
+        elif getattr(node, "v_threshold", None) is not None:
+            old = np.asarray(node.v_threshold)
+            node.v_threshold = np.vectorize(shift, otypes=[old.dtype])(old) if old.size else old
+    return graph
+
+
+def spec_firing(graph: nir.NIRGraph) -> bool:
+    """Whether ``graph``'s thresholds follow the NIR rule ``v > v_threshold`` (every file this
+    module writes); files of earlier versions, whose metadata say ``v >= v_threshold``, hold
+    spikingjelly's thresholds."""
+    firing = str((graph.metadata or {}).get("firing", ""))
+    return not firing.startswith(SPIKINGJELLY_FIRING)
 
 
 def exact_weight(layer: nn.Module) -> Tensor:
@@ -134,6 +168,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     multiply_lif: bool = False,
+    nir_rule: bool = True,
 ) -> fx.GraphModule:
     """Import a NIR graph with spikingjelly (single-step ``forward(x, state) -> (y, state)``).
 
@@ -141,6 +176,9 @@ def load(
     would silently rescale every time constant, so a mismatch is an error.
     ``multiply_lif``: ``nir.LIF`` nodes integrate by multiplying with ``dt / tau`` (see
     :func:`lif_as_product`) instead of dividing by ``tau / dt``.
+    ``nir_rule``: every neuron fires on ``v > v_threshold`` as NIR defines (its spikingjelly
+    threshold is :func:`above` the stored one); ``False`` keeps the stored thresholds under
+    spikingjelly's ``v >= v_threshold``, as ``import_from_nir`` alone does.
     """
     from spikingjelly.activation_based.nir_exchange import import_from_nir
 
@@ -153,6 +191,9 @@ def load(
         raise ValueError(f"dt={dt} differs from the dt={stored} the graph was exported with")
     graph_module = import_from_nir(graph, dt=dt, device=str(device), dtype=dtype,
                                    step_mode="s")
+    if nir_rule and spec_firing(graph):
+        for _, wrapper in neuron_modules(graph_module):
+            wrapper.module.v_threshold = above(wrapper.module.v_threshold)
     return lif_as_product(graph_module) if multiply_lif else graph_module
 
 
@@ -393,8 +434,9 @@ def export(
     """Export a single-step module built from NIR-mappable layers (``nn.Conv2d``,
     ``nn.Linear``, ``nn.AvgPool2d``, ``nn.Flatten``, spikingjelly IF/LIF/PLIF/CUBALIF neurons,
     ``+``) with spikingjelly's ``export_to_nir``; ``example``: one step's input batch (only its
-    shape is used).  ``dt`` and ``metadata`` go into ``graph.metadata``; the graph is written
-    atomically to ``path`` if given."""
+    shape is used).  Every threshold is stored by NIR's rule (:func:`below` spikingjelly's).
+    ``dt`` and ``metadata`` go into ``graph.metadata``; the graph is written atomically to
+    ``path`` if given."""
     from spikingjelly.activation_based.nir_exchange import export_to_nir
 
     if not dt > 0:
@@ -408,7 +450,8 @@ def export(
         if isinstance(detail, type):
             detail = f"NIR has no node for {detail.__name__}"
         raise NIRExportError(f"cannot export {type(module).__name__}: {detail}") from None
-    graph.metadata = {"dt": float(dt), **(metadata or {})}
+    nir_thresholds(graph, below)
+    graph.metadata = {"dt": float(dt), "firing": FIRING, **(metadata or {})}
     if path is not None:
         save(graph, path)
     return graph
