@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nir_consumers import import_graph
+from nir_consumers import record as consumer_record
 from pipelines import pipeline_path
 from torch import nn
 
@@ -174,6 +176,11 @@ def test_neuron_nodes_and_metadata(exported):
     steps = [n for n, v in graph.nodes.items() if isinstance(v, nir.CubaLIF)]
     assert steps and all(n.split("_")[2] in ("level", "any") for n in steps)
     assert sum(isinstance(v, nir.AvgPool2d) for v in graph.nodes.values()) == 2 + 3 + 4
+    for pool in (v for v in graph.nodes.values() if isinstance(v, nir.AvgPool2d)):
+        # (height, width) pairs, as the NIR spec defines them (snnTorch needs them)
+        assert [np.asarray(getattr(pool, k)).tolist() for k in ("kernel_size", "stride",
+                                                                "padding")] == [[2, 2], [2, 2],
+                                                                                [0, 0]]
     assert float(graph.metadata["dt"]) == dt and int(graph.metadata["timesteps"]) == T
 
 
@@ -197,6 +204,22 @@ def test_spikes_identical_and_logits_within_bound(exported, frames):
     # mean over T after the output layer instead of before: equal up to float32 rounding
     assert r.logits_within_bound and r.max_logit_diff <= r.bound < 1e-4
     assert r.exact
+
+
+@pytest.mark.parametrize("exported", ["ter"], indirect=True)
+def test_snntorch_reproduces_the_spikes(exported, frames):
+    """snnTorch reads the 7B-Net file (dt 1e-4 is its own; per-sample Flatten): every PLIF
+    layer's spikes and the output layer's inputs identical on these samples, logits within the
+    float32 bound.  Its LIF is a Leaky whose membrane is scaled by tau / dt (threshold
+    (1 - 2**-24) * tau / dt): equal spikes here, not bitwise by construction (docs/nir.md).
+    Norse has no AvgPool2d node, so it cannot read the max-pooling of this network."""
+    _, net, graph, _ = exported
+    frames = frames[:4]
+    nodes = list(sne.to_single_step(net).plif_nodes.values())
+    r = sne.compare(net, import_graph("snntorch", graph), frames,
+                    lambda m, steps: consumer_record(m, steps, nodes))
+    assert r.exact, r.problem()
+    assert all(0 < v for v in r.spikes.values()) and r.max_logit_diff <= r.bound < 1e-4
 
 
 def test_integer_max_pool_is_max_pool():

@@ -20,6 +20,7 @@ PLIF layer ``conv.1.conv.0.1`` becomes the NIR node ``conv_1_conv_0_plif``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -227,9 +228,13 @@ class RoundTrip:
 
 
 @torch.no_grad()
-def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTrip:
+def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor,
+            record: Callable[[nn.Module, list[Tensor]], ne.Recording] = ne.record,
+            ) -> RoundTrip:
     """Run ``net`` on ``frames`` ``[N, T, 2, H, W]`` and the imported graph step by step, and
-    compare every PLIF layer's spikes, the output layer's inputs and the logits."""
+    compare every PLIF layer's spikes, the output layer's inputs and the logits.
+    ``record(graph_module, steps)``: the graph's outputs and spikes per neuron node name
+    (default: spikingjelly's graph modules; other simulators' imports need their own)."""
     single = to_single_step(net)
     flatten = net.conv[-1]
     plifs = {n: m for n, m in net.named_modules() if n in single.plif_nodes}
@@ -248,7 +253,7 @@ def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTri
     hook = getattr(graph_module, single.features_node).register_forward_hook(
         lambda _m, _i, out: steps.append(out.clone()))
     try:
-        got = ne.record(graph_module, [frames[:, t] for t in range(frames.shape[1])])
+        got = record(graph_module, [frames[:, t] for t in range(frames.shape[1])])
     finally:
         hook.remove()
     mismatches, spikes = ne.spike_mismatches(ref, got.spikes, single.plif_nodes)

@@ -71,6 +71,23 @@ def nir_thresholds(graph: nir.NIRGraph, shift: Callable[[float], float]) -> nir.
     return graph
 
 
+def pool_pairs(graph: nir.NIRGraph) -> nir.NIRGraph:
+    """Write every pooling node's ``kernel_size`` / ``stride`` / ``padding`` as the (height,
+    width) pair the NIR spec defines (spikingjelly writes one number for square pools), in
+    place."""
+    import nir
+
+    for node in graph.nodes.values():
+        if isinstance(node, nir.NIRGraph):
+            pool_pairs(node)
+        elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
+            for key in ("kernel_size", "stride", "padding"):
+                value = np.asarray(getattr(node, key))
+                setattr(node, key, np.broadcast_to(value, (2,)).astype(np.int64)
+                        if value.size == 1 else value)
+    return graph
+
+
 def spec_firing(graph: nir.NIRGraph) -> bool:
     """Whether ``graph``'s thresholds follow the NIR rule ``v > v_threshold`` (every file this
     module writes); files of earlier versions, whose metadata say ``v >= v_threshold``, hold
@@ -451,6 +468,7 @@ def export(
             detail = f"NIR has no node for {detail.__name__}"
         raise NIRExportError(f"cannot export {type(module).__name__}: {detail}") from None
     nir_thresholds(graph, below)
+    pool_pairs(graph)
     graph.metadata = {"dt": float(dt), "firing": FIRING, **(metadata or {})}
     if path is not None:
         save(graph, path)
