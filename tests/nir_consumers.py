@@ -42,6 +42,15 @@ def import_graph(consumer: str, data: bytes | nir.NIRGraph) -> nn.Module:
     return per_sample_flatten(net)
 
 
+def restart(consumer: str, net: nn.Module) -> None:
+    """Before the next sequence: snnTorch's neurons keep their membranes in the modules, Norse
+    starts afresh from ``state=None`` (docs/nir.md)."""
+    if consumer == "snntorch":
+        import snntorch.utils
+
+        snntorch.utils.reset(net)
+
+
 @torch.no_grad()
 def record(net: nn.Module, x_steps: Iterable[torch.Tensor], nodes: list[str]) -> ne.Recording:
     """Per-step outputs and the spikes of the neuron nodes ``nodes`` of an imported graph,

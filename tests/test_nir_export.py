@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nir_consumers import CONSUMERS, import_graph
+from nir_consumers import CONSUMERS, import_graph, restart
 from nir_consumers import record as consumer_record
 from pipelines import load_pipeline
 from torch import nn
@@ -175,6 +175,8 @@ def consumer_mismatches(consumer: str, model: nn.Module, images: torch.Tensor,
     out, ref = stbp_spikes(model, images)
     net = import_graph(consumer, data)
     got = consumer_record(net, [images] * T, [n + ne.NEURON_SUFFIX for n in LAYERS])
+    restart(consumer, net)  # a second sequence starts from rest
+    assert torch.equal(consumer_record(net, [images] * T, []).outputs, got.outputs)
     mismatches, _ = ne.spike_mismatches(ref, got.spikes,
                                         {n: n + ne.NEURON_SUFFIX for n in LAYERS})
     return mismatches, (torch.equal(got.outputs, ref["fc3"])
