@@ -72,6 +72,12 @@ def build(mode: str, frames: torch.Tensor, seed: int = 0) -> ResNetN:
     torch.manual_seed(seed)
     net = Q_SMODELS.SEWResNet("ADD", None if mode == "fp32" else mode, width=WIDTH,
                               in_size=SIZE, num_classes=10, stages=STAGES)
+    return firing(net, frames)
+
+
+def firing(net: nn.Module, frames: torch.Tensor) -> nn.Module:
+    """``net`` (in eval mode) with random BN affine and PLIF ``w`` and the BN running
+    statistics of one pass over ``frames``."""
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -287,6 +293,46 @@ def test_script_end_to_end(script_run, frames):
     assert sne.compare(model, sne.load(str(written)), frames).exact
     assert sorted(p.name for p in written.parent.iterdir()) == [
         "SEW_ResNet_DIGITS_ter.nir", "SEW_ResNet_DIGITS_ter_cbp_prequantized.pth"]
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_cifar10dvs_script_end_to_end(tmp_path, monkeypatch):
+    """CIFAR10DVS/export_nir.py on the Wide-7B-Net (128x128 frames, width 1/16) with the first
+    test batch of a stand-in CIFAR10-DVS test set: one line, the file reproduces the network."""
+    from clitools import inproc
+    from sewcommon import data
+
+    folder = SEW_DIR / "CIFAR10DVS"
+    q = load_module(folder / "q_smodels.py", "sew_nir_c10_q_smodels")
+    counts = torch.poisson(torch.full((3, T, 2, 128, 128), 0.3), torch.Generator().manual_seed(1))
+    torch.manual_seed(4)
+    net = firing(q.SEWResNet("ADD", "ter", width=1 / 16), counts)
+    (tmp_path / "trained_params").mkdir()
+    torch.save(net.state_dict(), tmp_path / "trained_params/SEW_ResNet_CIFAR10DVS_ter_cbp_prequantized.pth")
+    test_set = torch.utils.data.TensorDataset(counts, torch.arange(3))
+    monkeypatch.setattr(data, "cifar10dvs", lambda root, t, cache: (None, test_set))
+    args = ["-model", "SEWResNet", "-cnf", "ADD", "-T", str(T), "-b", "2", "-j", "0",
+            "-device", "cpu", "-width", "0.0625", "-quant", "ter"]
+    code, out, err = inproc(folder / "export_nir.py", args, tmp_path, monkeypatch)
+    assert code == 0, err
+    assert out.startswith("exported ./trained_params/SEW_ResNet_CIFAR10DVS_ter.nir (SEWResNet "
+                          f"ter, T={T}, dt=0.0001): round trip exact on 2 test samples, spikes "
+                          "identical in all 16 PLIF layers"), out
+    assert len(out.splitlines()) == 1
+    r = sne.compare(net, sne.load(str(tmp_path / "trained_params/SEW_ResNet_CIFAR10DVS_ter.nir")),
+                    counts[:2])
+    assert r.exact and all(0 < v for v in r.spikes.values()), r.spikes
+    code, out, err = inproc(folder / "export_nir.py", [*args[:-1], "bin"], tmp_path, monkeypatch)
+    assert code == 1 and out == "" and err.startswith(
+        "error: checkpoint ./trained_params/SEW_ResNet_CIFAR10DVS_bin_cbp_prequantized.pth not "
+        "found"), err
 
 
 def test_script_missing_checkpoint(tmp_path, monkeypatch, capsys):

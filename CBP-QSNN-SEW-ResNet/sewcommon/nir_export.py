@@ -269,3 +269,17 @@ def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor,
                                                                             ref["features"]),
                      float(diff.max()), bool((diff <= bound).all()), float(bound.max()),
                      {"network": logits, "graph": graph_logits})
+
+
+def export_checked(net: nn.Module, frames: Tensor, path: str, dt: float = ne.DEFAULT_DT,
+                   device: str | torch.device = "cpu", label: str = "") -> str:
+    """Export ``net`` to ``path`` only if the file's bytes, imported back, reproduce it on
+    ``frames`` (:func:`compare`); the one-line report of an export script.  A layer without a
+    NIR node or a differing round trip is one ``UserError`` line and nothing is written."""
+    result = ne.write_checked(lambda: export(net, frames, dt=dt),
+                              lambda blob: compare(net, load(blob, device=device), frames), path)
+    label = label or type(net).__name__
+    return (f"exported {path} ({label}, T={frames.shape[1]}, dt={dt:g}): round trip exact on "
+            f"{frames.shape[0]} test samples, spikes identical in all {len(result.spikes)} "
+            f"PLIF layers ({sum(result.spikes.values())} spikes), logits max |diff| "
+            f"{result.max_logit_diff:.2g} (float32 bound {result.bound:.2g})")
