@@ -369,18 +369,20 @@ def step_neuron(threshold: float) -> nn.Module:
 
 
 class IntegerMaxPool2d(nn.Module):
-    """``MaxPool2d(kernel, stride)`` of maps holding integers in ``[0, levels]``, built from
-    NIR nodes: ``max = sum_j any_window(x >= j)``, each ``x >= j`` a step neuron at ``j - 1/2``
-    and each ``any`` an ``AvgPool2d`` followed by a step neuron at ``1 / (2 kernel**2)``.
+    """``MaxPool2d(kernel, stride, padding)`` of maps holding integers in ``[0, levels]``,
+    built from NIR nodes: ``max = sum_j any_window(x >= j)``, each ``x >= j`` a step neuron at
+    ``j - 1/2`` and each ``any`` an ``AvgPool2d`` (zero padding counted, as max pooling of
+    non-negative maps may) followed by a step neuron at ``1 / (2 kernel**2)``.
     The thresholds lie half-way between attainable values, so ``>=`` and ``>`` agree."""
 
-    def __init__(self, kernel: int, stride: int, levels: int) -> None:
+    def __init__(self, kernel: int, stride: int, levels: int, padding: int = 0) -> None:
         super().__init__()
         self.levels = int(levels)
         # 0/1 maps need no level neuron
         self.level = nn.ModuleList([step_neuron(j - 0.5) for j in range(1, levels + 1)]
                                    if levels > 1 else [])
-        self.pool = nn.ModuleList([nn.AvgPool2d(kernel, stride) for _ in range(levels)])
+        self.pool = nn.ModuleList([nn.AvgPool2d(kernel, stride, padding)
+                                   for _ in range(levels)])
         self.any = nn.ModuleList([step_neuron(0.5 / kernel**2) for _ in range(levels)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -408,12 +410,29 @@ def integer_max_pool(name: str, pool: nn.Module, levels: int | None) -> IntegerM
         k, s = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
         if k[0] != k[1] or s[0] != s[1]:
             problem = "non-square kernel or stride"
-        elif pair(pool.padding) != (0, 0) or pair(pool.dilation) != (1, 1) or pool.ceil_mode:
-            problem = "padding, dilation or ceil_mode"
+        elif len(set(pair(pool.padding))) != 1:
+            problem = "non-square padding"
+        elif pair(pool.dilation) != (1, 1) or pool.ceil_mode:
+            problem = "dilation or ceil_mode"
     if problem:
         raise NIRExportError(f"cannot export layer '{name}' ({kind}): {problem}")
     return IntegerMaxPool2d(pair(pool.kernel_size)[0], pair(pool.stride or pool.kernel_size)[0],
-                            levels)
+                            levels, pair(pool.padding)[0])
+
+
+def if_neuron(name: str, node: nn.Module) -> nn.Module:
+    """A single-step copy of a spikingjelly ``IFNode`` with hard reset (exported as ``nir.IF``
+    with ``r = 1 / dt``: ``v += x`` per step)."""
+    from spikingjelly.activation_based import neuron
+
+    kind = type(node).__name__
+    if type(node) is not neuron.IFNode:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): expected IFNode")
+    if node.v_reset is None:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): soft reset (NIR's IF "
+                             "resets to v_reset)")
+    return neuron.IFNode(v_threshold=float(node.v_threshold), v_reset=float(node.v_reset),
+                         step_mode="s")
 
 
 def plif_neuron(name: str, plif: nn.Module) -> nn.Module:
