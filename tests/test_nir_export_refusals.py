@@ -1,6 +1,6 @@
 """Pipelines whose neurons NIR cannot express: the export scripts end with one
 ``NIRExportError`` line naming the layer and write nothing (SNN-Calibration's IF layers reset
-by subtraction)."""
+by subtraction; TSSL-BP's neuron passes on an analog PSP trace)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pipelines import load_pipeline
 pytest.importorskip("nir")
 
 CALIB_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-SNN-Calibration"
+TSSL_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-TSSL-BP"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,3 +36,17 @@ def test_calibration_soft_reset_is_named(tmp_path, monkeypatch):
     code, _, err = inproc(CALIB_DIR / "export_nir.py", flags, tmp_path, monkeypatch)
     assert code == 1 and err.splitlines() == [
         "error: --evaluate CKPT is required: the CBP checkpoint to export"], err
+
+
+def test_tssl_bp_neuron_is_named(tmp_path, monkeypatch):
+    folder = TSSL_DIR
+    code, out, err = inproc(folder / "export_nir.py",
+                            ["-config", str(folder / "Networks/DIGITS_bin.yaml")], tmp_path,
+                            monkeypatch)
+    assert code == 1 and out == "", out
+    assert err.splitlines() == [
+        "error: cannot export layer 'conv_1' (conv + TSSL-BP neuron): its output, the trace "
+        "a += (o - a) / tau_s, is a NIR LI node that no importer (spikingjelly, snnTorch, "
+        "Norse) reads, and its membrane u + (I - u / tau_m) is not the update their LIF "
+        "imports compute; ./trained_params/TSSL_BP_DIGITS_bin.nir not written"], err
+    assert not list(tmp_path.iterdir())
