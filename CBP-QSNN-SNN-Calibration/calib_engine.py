@@ -320,6 +320,21 @@ def freeze_fixed(snn_q: SpikeModel_q) -> None:
                 p.requires_grad_(False)
 
 
+def load_cbp_checkpoint(args, path: str, device: torch.device) -> SpikeModel_q:
+    """The spiking network of a saved CBP checkpoint (``--evaluate CKPT``), with its pooling
+    biases and initial potentials; a missing file is one error line."""
+    from cbp.checkpoint import load_file, load_into
+
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    state = load_file(path)
+    extras = {k: state.get(k, {}) if isinstance(state, dict) else {}
+              for k in ("pool_bias_dict", "mem_pot_init_dict")}
+    snn_q = load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
+    load_into(snn_q, state, nonfinite="warn")
+    return snn_q
+
+
 def load_calibrated_snn_q(args, calib_ckpt: dict, device: torch.device) -> SpikeModel_q:
     """Build ``SpikeModel_q`` and load the calibration checkpoint into it (thresholds 1,
     scales = mean|W| of the rescaled weights)."""

@@ -26,7 +26,7 @@ import torch
 
 from cbp import CBP, MODES, methods, param_groups, quantized_modules
 from cbp import distributed as D
-from cbp.checkpoint import check_finite, extract_state_dict, load_file
+from cbp.checkpoint import check_finite, extract_state_dict
 from cbp.export import pack_model, weight_memory_mbit
 from cbp.run import Run
 from cbp.runtime import UserError, run_main, select_device
@@ -289,16 +289,9 @@ def _train(args, trial, snn_q, extras, train_loader, test_loader, device, run: R
 def evaluate(args, device, show) -> None:
     """Test accuracy, CFS and weight memory of a saved CBP checkpoint."""
     from cbp import cfs as model_cfs
-    from cbp.checkpoint import load_into
     from cbp.metrics import profiled
 
-    if not os.path.isfile(args.evaluate):
-        raise UserError(f"checkpoint {args.evaluate} not found")
-    state = load_file(args.evaluate)
-    extras = {k: state.get(k, {}) if isinstance(state, dict) else {}
-              for k in ("pool_bias_dict", "mem_pot_init_dict")}
-    snn_q = E.load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
-    load_into(snn_q, state, nonfinite="warn")
+    snn_q = E.load_cbp_checkpoint(args, args.evaluate, device)
     _, test_loader = E.loaders(args, device)
     # spike metrics: the IF layers emit spikes of amplitude theta (see cbp.metrics)
     (test_loss, test_acc), _ = profiled(

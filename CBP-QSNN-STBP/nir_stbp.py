@@ -11,9 +11,9 @@ How the STBP neuron maps (``u[t] = decay * u[t-1] * (1 - s[t-1]) + I[t]``, ``s =
   ``w_in = 1``, ``v_leak = 0``, ``v_reset = 0``.  spikingjelly imports it as
   ``CUBALIFNode(c_decay=0, v_decay=decay)`` (forward Euler), whose membrane update is bitwise
   the STBP one; the multiplicative reset ``(1 - s)`` equals a hard reset to 0.
-* STBP fires on ``u > thresh``, spikingjelly on ``u >= v_threshold``: the exported
-  ``v_threshold`` is the next float32 above ``thresh`` (``above(thresh)``), the same spikes on
-  every float32 membrane value.
+* STBP fires on ``u > thresh``, as NIR's neurons do: the file's ``v_threshold`` is ``thresh``.
+  The spikingjelly copy fires on ``u >= above(thresh)`` (the next float32), the same spikes on
+  every float32 membrane value; ``cbp.nir_export`` converts between the two rules.
 * decay, thresh and T are stored in the graph's metadata beside ``dt``.
 * The analog image is the input at every step (STBP computes ``conv1(image)`` once and reuses
   it; recomputing it each step gives the same values).  The network output, the mean over T
@@ -33,21 +33,18 @@ from torch import Tensor, nn
 from cbp import nir_export as ne
 
 
-def stbp_neuron(decay: float, thresh: float, exact_gt: bool = True) -> nn.Module:
-    """The STBP neuron as a spikingjelly ``CUBALIFNode`` (see the module docstring).
-
-    ``exact_gt=False`` keeps ``thresh`` unchanged (fires on ``u >= thresh``: not STBP's rule).
-    """
+def stbp_neuron(decay: float, thresh: float) -> nn.Module:
+    """The STBP neuron as a spikingjelly ``CUBALIFNode`` (see the module docstring)."""
     decay, thresh = float(decay), float(thresh)
     if not 0.0 <= decay < 1.0:
         raise ne.NIRExportError(f"cannot export decay {decay}: CubaLIF needs 0 <= decay < 1")
     if not np.isfinite(thresh):
         raise ne.NIRExportError(f"cannot export threshold {thresh}: it must be finite")
     return neuron.CUBALIFNode(c_decay=0.0, v_decay=decay,
-                              v_threshold=ne.above(thresh) if exact_gt else thresh, v_reset=0.0)
+                              v_threshold=ne.above(thresh), v_reset=0.0)
 
 
-def stbp_sequential(model: nn.Module, exact_gt: bool = True) -> nn.Sequential:
+def stbp_sequential(model: nn.Module) -> nn.Sequential:
     """The STBP network as an ``nn.Sequential`` of plain layers and ``CUBALIFNode`` neurons.
 
     ``model`` follows the ``Conv_SNN`` contract: ``decay`` and ``thresh`` attributes and a
@@ -73,7 +70,7 @@ def stbp_sequential(model: nn.Module, exact_gt: bool = True) -> nn.Sequential:
             raise ne.NIRExportError(f"cannot export layer '{name}' ({type(layer).__name__}): a "
                                  "convolution after a linear layer is not the STBP layout")
         parts[name] = plain
-        parts[name + ne.NEURON_SUFFIX] = stbp_neuron(model.decay, model.thresh, exact_gt)
+        parts[name + ne.NEURON_SUFFIX] = stbp_neuron(model.decay, model.thresh)
     return nn.Sequential(parts).eval()
 
 
@@ -82,7 +79,6 @@ def export_stbp(
     example_image: Tensor,
     path: str | None = None,
     dt: float = ne.DEFAULT_DT,
-    exact_gt: bool = True,
 ) -> nir.NIRGraph:
     """Export the STBP ``model`` as a ``nir.NIRGraph`` (written atomically to ``path`` if given).
 
@@ -90,15 +86,13 @@ def export_stbp(
     shape is used.  The graph's input is the image, its output the last layer's spikes (one
     step); ``dt``, decay, thresh and T are stored in ``graph.metadata``.
     """
-    seq = stbp_sequential(model, exact_gt)
+    seq = stbp_sequential(model)
     example = example_image.detach()[:1] if example_image.dim() == 4 else example_image[None]
     example = example.to(next(seq.parameters()).device)
     return ne.export(seq, example, path, dt, metadata={
         "decay": float(model.decay),
         "thresh": float(model.thresh),
         "timesteps": int(getattr(model, "T", 0)),
-        "firing": "v >= v_threshold = next float32 above thresh (STBP: v > thresh)"
-        if exact_gt else "v >= v_threshold = thresh",
     })
 
 

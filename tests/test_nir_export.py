@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nir_consumers import CONSUMERS, import_graph, restart
+from nir_consumers import record as consumer_record
 from pipelines import load_pipeline
 from torch import nn
 
@@ -99,7 +101,10 @@ def test_weights_are_the_exact_quantized_weights(exported):
 def test_neuron_parameters(exported):
     _, model, graph, gm = exported
     node = graph.nodes["conv1" + ne.NEURON_SUFFIX]
-    assert np.all(np.asarray(node.v_threshold) == ne.above(THRESH))
+    # the NIR rule v > v_threshold is STBP's: the file holds thresh itself, spikingjelly
+    # (v >= v_threshold) the next float32 above it
+    assert np.all(np.asarray(node.v_threshold) == THRESH) and graph.metadata["firing"] == ne.FIRING
+    assert getattr(gm, "conv1" + ne.NEURON_SUFFIX).module.v_threshold == ne.above(THRESH)
     assert np.all(np.asarray(node.v_reset) == 0) and np.all(np.asarray(node.v_leak) == 0)
     lif = getattr(gm, "fc3" + ne.NEURON_SUFFIX).module
     assert lif.c_decay == 0.0 and np.float32(lif.v_decay) == np.float32(model.decay)
@@ -122,20 +127,97 @@ def test_spikes_and_output_identical(exported, images):
     assert stbp_nir.compare(model, gm, images).exact
 
 
-def test_plain_threshold_differs_where_membrane_equals_threshold(images):
-    """conv1's input current is exactly thresh at every neuron: STBP (u > thresh) stays silent
-    at step 0, an importer firing on u >= v_threshold fires unless v_threshold is above it."""
-    model = copy.deepcopy(build("fp32", 0.25))
+def at_threshold(quant: str = "fp32", decay: float = 0.25) -> nn.Module:
+    """A network whose conv1 input current is exactly thresh (even channels) or the float32
+    above it (odd channels) at every neuron and step."""
+    model = copy.deepcopy(build(quant, decay))
     with torch.no_grad():
         model.conv1.weight.zero_()
         model.conv1.bias.fill_(THRESH)
+        model.conv1.bias[1::2] = ne.above(THRESH)
+    return model
+
+
+@pytest.fixture(scope="module")
+def boundary(images) -> tuple[nn.Module, bytes]:
+    """(the at_threshold network, its NIR file's bytes)."""
+    model = at_threshold()
+    return model, ne.to_bytes(stbp_nir.export_stbp(model, images))
+
+
+def test_plain_threshold_differs_where_membrane_equals_threshold(images, boundary):
+    """Where conv1's input current is exactly thresh, STBP (u > thresh) stays silent at step 0,
+    as NIR's rule does; spikingjelly's import alone (u >= v_threshold) fires."""
+    model, data = boundary
     assert np.float32(ne.above(THRESH)) == np.nextafter(np.float32(THRESH), np.float32(1))
-    exact = stbp_nir.compare(model, ne.load(stbp_nir.export_stbp(model, images)), images)
+    assert ne.above(ne.below(THRESH)) == THRESH and ne.below(1.0) == 1 - 2.0**-24
+    graph = ne.read(data)
+    exact = stbp_nir.compare(model, ne.load(graph), images)
     assert exact.exact and exact.spikes["conv1"] > 0
-    plain = stbp_nir.compare(model, ne.load(stbp_nir.export_stbp(model, images, exact_gt=False)), images)
-    # STBP: silent, fires, silent, ... (u = thresh, then thresh * (1 + decay)); plain: always
-    neurons = images.shape[0] * model.conv1.out_channels * 32 * 32
+    plain = stbp_nir.compare(model, ne.load(graph, nir_rule=False), images)
+    # STBP at thresh: silent, fires, silent, ... (u = thresh, then thresh * (1 + decay));
+    # plain: always.  Above thresh both fire at every step.
+    neurons = images.shape[0] * model.conv1.out_channels // 2 * 32 * 32
     assert plain.mismatches["conv1"] == neurons * T // 2 and not plain.exact
+
+
+@pytest.fixture(scope="module")
+def ter_file(images) -> tuple[nn.Module, bytes]:
+    """(a ternary network, its NIR file's bytes), read by both consumers."""
+    model = build("ter", 0.8)
+    return model, ne.to_bytes(stbp_nir.export_stbp(model, images))
+
+
+def consumer_mismatches(consumer: str, model: nn.Module, images: torch.Tensor,
+                        data) -> tuple[dict[str, int], bool]:
+    """Run the exported file's bytes (or a graph) in ``consumer`` on the whole batch: differing
+    spikes per layer, and whether the output equals the network's."""
+    out, ref = stbp_spikes(model, images)
+    net = import_graph(consumer, data)
+    got = consumer_record(net, [images] * T, [n + ne.NEURON_SUFFIX for n in LAYERS])
+    restart(consumer, net)  # a second sequence starts from rest
+    assert torch.equal(consumer_record(net, [images] * T, []).outputs, got.outputs)
+    mismatches, _ = ne.spike_mismatches(ref, got.spikes,
+                                        {n: n + ne.NEURON_SUFFIX for n in LAYERS})
+    return mismatches, (torch.equal(got.outputs, ref["fc3"])
+                        and torch.equal(ne.rate(got.outputs), out))
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+def test_snntorch_and_norse_reproduce_the_network(consumer, images, ter_file):
+    """A batch of 4 through snnTorch's / Norse's importer (dt from the metadata, per-sample
+    Flatten): every layer's spikes at every step and the output identical."""
+    (model, data), images = ter_file, images[:4]
+    _, ref = stbp_spikes(model, images)
+    assert all(0 < int(ref[n].sum()) < ref[n].numel() for n in LAYERS)
+    mismatches, outputs_equal = consumer_mismatches(consumer, model, images, data)
+    assert not any(mismatches.values()) and outputs_equal, mismatches
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+def test_snntorch_and_norse_at_the_threshold(consumer, images, boundary):
+    """conv1's current is exactly thresh or the float32 above it: NIR's v > v_threshold with
+    the file's thresh gives STBP's spikes in both simulators; a file holding the float32 above
+    thresh (the spikingjelly threshold) would not fire on it at step 0."""
+    (model, data), images = boundary, images[:2]
+    _, ref = stbp_spikes(model, images)
+    half = ref["conv1"][0].numel() // 2
+    assert [int(s.sum()) for s in ref["conv1"]] == [half, 2 * half] * (T // 2)
+    mismatches, outputs_equal = consumer_mismatches(consumer, model, images, data)
+    assert not any(mismatches.values()) and outputs_equal, mismatches
+    old = ne.nir_thresholds(ne.read(data), ne.above)
+    assert consumer_mismatches(consumer, model, images, old)[0]["conv1"] == half * T // 2
+
+
+def test_files_of_the_earlier_threshold_rule_load_unchanged(exported):
+    """A file whose metadata say v >= v_threshold holds spikingjelly thresholds: kept as is."""
+    _, _, graph, _ = exported
+    old = copy.deepcopy(graph)
+    ne.nir_thresholds(old, ne.above)
+    old.metadata = {**old.metadata, "firing": "v >= v_threshold = next float32 above thresh"}
+    assert not ne.spec_firing(old) and ne.spec_firing(graph)
+    lif = getattr(ne.load(old), "conv1" + ne.NEURON_SUFFIX).module
+    assert lif.v_threshold == ne.above(THRESH)
 
 
 def test_unsupported_layer_is_named(images):

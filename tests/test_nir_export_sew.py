@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nir_consumers import import_graph
+from nir_consumers import record as consumer_record
 from pipelines import pipeline_path
 from torch import nn
 
@@ -70,6 +72,12 @@ def build(mode: str, frames: torch.Tensor, seed: int = 0) -> ResNetN:
     torch.manual_seed(seed)
     net = Q_SMODELS.SEWResNet("ADD", None if mode == "fp32" else mode, width=WIDTH,
                               in_size=SIZE, num_classes=10, stages=STAGES)
+    return firing(net, frames)
+
+
+def firing(net: nn.Module, frames: torch.Tensor) -> nn.Module:
+    """``net`` (in eval mode) with random BN affine and PLIF ``w`` and the BN running
+    statistics of one pass over ``frames``."""
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -164,14 +172,26 @@ def test_neuron_nodes_and_metadata(exported):
         q = plif.w.detach().sigmoid()
         assert isinstance(node, nir.LIF)
         assert np.allclose(np.asarray(node.tau), dt / float(q), rtol=1e-12, atol=0)
-        assert np.all(np.asarray(node.r) == 1) and np.all(np.asarray(node.v_threshold) == 1)
+        assert np.all(np.asarray(node.r) == 1)
+        # PLIF fires on v >= 1, NIR on v > v_threshold: the float32 below 1
+        assert np.all(np.asarray(node.v_threshold) == 1 - 2.0**-24)
+        assert imported_threshold(gm, node_name) == 1.0
         assert not np.asarray(node.v_leak).any() and not np.asarray(node.v_reset).any()
         imported = gm.get_submodule(node_name).module  # integrates with q, as PLIF does
         assert torch.equal(imported.w.detach().sigmoid(), q)
     steps = [n for n, v in graph.nodes.items() if isinstance(v, nir.CubaLIF)]
     assert steps and all(n.split("_")[2] in ("level", "any") for n in steps)
     assert sum(isinstance(v, nir.AvgPool2d) for v in graph.nodes.values()) == 2 + 3 + 4
+    for pool in (v for v in graph.nodes.values() if isinstance(v, nir.AvgPool2d)):
+        # (height, width) pairs, as the NIR spec defines them (snnTorch needs them)
+        assert [np.asarray(getattr(pool, k)).tolist() for k in ("kernel_size", "stride",
+                                                                "padding")] == [[2, 2], [2, 2],
+                                                                                [0, 0]]
     assert float(graph.metadata["dt"]) == dt and int(graph.metadata["timesteps"]) == T
+
+
+def imported_threshold(gm: nn.Module, node: str) -> float:
+    return float(gm.get_submodule(node).module.v_threshold)
 
 
 def test_spikes_identical_and_logits_within_bound(exported, frames):
@@ -190,6 +210,22 @@ def test_spikes_identical_and_logits_within_bound(exported, frames):
     # mean over T after the output layer instead of before: equal up to float32 rounding
     assert r.logits_within_bound and r.max_logit_diff <= r.bound < 1e-4
     assert r.exact
+
+
+@pytest.mark.parametrize("exported", ["ter"], indirect=True)
+def test_snntorch_reproduces_the_spikes(exported, frames):
+    """snnTorch reads the 7B-Net file (dt 1e-4 is its own; per-sample Flatten): every PLIF
+    layer's spikes and the output layer's inputs identical on these samples, logits within the
+    float32 bound.  Its LIF is a Leaky whose membrane is scaled by tau / dt (threshold
+    (1 - 2**-24) * tau / dt): equal spikes here, not bitwise by construction (docs/nir.md).
+    Norse has no AvgPool2d node, so it cannot read the max-pooling of this network."""
+    _, net, graph, _ = exported
+    frames = frames[:4]
+    nodes = list(sne.to_single_step(net).plif_nodes.values())
+    r = sne.compare(net, import_graph("snntorch", graph), frames,
+                    lambda m, steps: consumer_record(m, steps, nodes))
+    assert r.exact, r.problem()
+    assert all(0 < v for v in r.spikes.values()) and r.max_logit_diff <= r.bound < 1e-4
 
 
 def test_integer_max_pool_is_max_pool():
@@ -257,6 +293,46 @@ def test_script_end_to_end(script_run, frames):
     assert sne.compare(model, sne.load(str(written)), frames).exact
     assert sorted(p.name for p in written.parent.iterdir()) == [
         "SEW_ResNet_DIGITS_ter.nir", "SEW_ResNet_DIGITS_ter_cbp_prequantized.pth"]
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_cifar10dvs_script_end_to_end(tmp_path, monkeypatch):
+    """CIFAR10DVS/export_nir.py on the Wide-7B-Net (128x128 frames, width 1/16) with the first
+    test batch of a stand-in CIFAR10-DVS test set: one line, the file reproduces the network."""
+    from clitools import inproc
+    from sewcommon import data
+
+    folder = SEW_DIR / "CIFAR10DVS"
+    q = load_module(folder / "q_smodels.py", "sew_nir_c10_q_smodels")
+    counts = torch.poisson(torch.full((3, T, 2, 128, 128), 0.3), torch.Generator().manual_seed(1))
+    torch.manual_seed(4)
+    net = firing(q.SEWResNet("ADD", "ter", width=1 / 16), counts)
+    (tmp_path / "trained_params").mkdir()
+    torch.save(net.state_dict(), tmp_path / "trained_params/SEW_ResNet_CIFAR10DVS_ter_cbp_prequantized.pth")
+    test_set = torch.utils.data.TensorDataset(counts, torch.arange(3))
+    monkeypatch.setattr(data, "cifar10dvs", lambda root, t, cache: (None, test_set))
+    args = ["-model", "SEWResNet", "-cnf", "ADD", "-T", str(T), "-b", "2", "-j", "0",
+            "-device", "cpu", "-width", "0.0625", "-quant", "ter"]
+    code, out, err = inproc(folder / "export_nir.py", args, tmp_path, monkeypatch)
+    assert code == 0, err
+    assert out.startswith("exported ./trained_params/SEW_ResNet_CIFAR10DVS_ter.nir (SEWResNet "
+                          f"ter, T={T}, dt=0.0001): round trip exact on 2 test samples, spikes "
+                          "identical in all 16 PLIF layers"), out
+    assert len(out.splitlines()) == 1
+    r = sne.compare(net, sne.load(str(tmp_path / "trained_params/SEW_ResNet_CIFAR10DVS_ter.nir")),
+                    counts[:2])
+    assert r.exact and all(0 < v for v in r.spikes.values()), r.spikes
+    code, out, err = inproc(folder / "export_nir.py", [*args[:-1], "bin"], tmp_path, monkeypatch)
+    assert code == 1 and out == "" and err.startswith(
+        "error: checkpoint ./trained_params/SEW_ResNet_CIFAR10DVS_bin_cbp_prequantized.pth not "
+        "found"), err
 
 
 def test_script_missing_checkpoint(tmp_path, monkeypatch, capsys):

@@ -48,6 +48,17 @@ def _name(req: str) -> str:
     return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].strip().lower()
 
 
+def test_dev_extra_holds_the_nir_simulators():
+    """The NIR consumer tests (tests/nir_consumers.py) run in CI: the dev extra installs both."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert {"snntorch", "norse"} <= {_name(r) for r in project["optional-dependencies"]["dev"]}
+    # the library itself never imports them
+    assert {"snntorch", "norse"}.isdisjoint(_name(r) for r in project["dependencies"])
+    assert not {"snntorch", "norse"} & set(_third_party_imports())
+
+
 def test_readme_commands_are_what_ci_runs():
     install, test = readme_commands.commands((ROOT / "README.md").read_text())
     assert install == 'pip install -e ".[dev]"'

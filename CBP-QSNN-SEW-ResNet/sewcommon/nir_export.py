@@ -15,14 +15,22 @@ PLIF layer ``conv.1.conv.0.1`` becomes the NIR node ``conv_1_conv_0_plif``.
   are the mean over T of the per-step logits (the original takes the mean of the features
   first: equal up to float32 rounding, bounded by ``cbp.nir_export.affine_mean_bound``).
 * AND / IAND connect functions (element-wise products) have no NIR node and are refused.
+
+The ImageNet SEW-ResNets (``imagenet_nets.SEWResNet``, ADD) map the same way
+(:func:`imagenet_single_step`): the image is the input at every step, IF neurons become
+``nir.IF`` (``r = 1 / dt``), the stem's max pooling (padding 1) of 0/1 spikes the same step
+neurons around a padded ``nir.AvgPool2d``, the global average pooling an ``nir.AvgPool2d`` over
+the whole feature map, ``fc`` an ``nir.Affine`` per step.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from spikingjelly.activation_based import layer
 from torch import Tensor, nn
@@ -34,9 +42,6 @@ from .neurons import reset_net
 
 if TYPE_CHECKING:
     import nir
-
-FIRING = ("v >= v_threshold (spikingjelly, as the network was trained); a simulator firing on "
-          "v > v_threshold differs only where v equals v_threshold exactly")
 
 
 class ConvBN(nn.Module):
@@ -110,6 +115,9 @@ class SingleStep(nn.Module):
     ``plif_nodes`` maps each original PLIF layer name to its NIR node name;
     ``features_node`` names the Flatten node (the input of the output layer)."""
 
+    input_kind = "one event frame [2, H, W] per step"
+    neuron_kind = "PLIF"
+
     def __init__(self, conv: nn.Sequential, out: nn.Module, plif_nodes: dict[str, str],
                  features_node: str) -> None:
         super().__init__()
@@ -117,16 +125,28 @@ class SingleStep(nn.Module):
         self.out = out
         self.plif_nodes = plif_nodes
         self.features_node = features_node
+        # the original module whose output [T, N, ...] are the features
+        self.features_of = f"conv.{len(conv) - 1}"
+
+    @property
+    def head(self) -> nn.Module:
+        """The output layer."""
+        return self.out
+
+    @staticmethod
+    def steps(x: Tensor) -> list[Tensor]:
+        """The per-step graph inputs of a network input ``[N, T, 2, H, W]``."""
+        return [x[:, t] for t in range(x.shape[1])]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.conv(x))
 
 
 def _plif_names(prefix: str, module: nn.Module) -> list[str]:
-    from spikingjelly.activation_based.neuron import ParametricLIFNode
+    from spikingjelly.activation_based.neuron import IFNode, ParametricLIFNode
 
     return [f"{prefix}.{n}" for n, m in module.named_modules()
-            if isinstance(m, ParametricLIFNode)]
+            if isinstance(m, (ParametricLIFNode, IFNode))]
 
 
 def to_single_step(net: nn.Module) -> SingleStep:
@@ -179,20 +199,32 @@ def to_single_step(net: nn.Module) -> SingleStep:
     return SingleStep(nn.Sequential(*parts), out, plif_nodes, features).eval()
 
 
+def single_step(net: nn.Module, x: Tensor) -> nn.Module:
+    """The single-step rebuild of a DVS ``ResNetN`` (:func:`to_single_step`) or an ImageNet
+    ``SEWResNet`` (:func:`imagenet_single_step`); ``x``: a network input batch."""
+    from .imagenet_nets import SEWResNet
+
+    if isinstance(net, SEWResNet):
+        return imagenet_single_step(net, x)
+    return to_single_step(net)
+
+
 def export(net: nn.Module, frames: Tensor, path: str | None = None,
            dt: float = ne.DEFAULT_DT) -> nir.NIRGraph:
     """Export ``net`` as a ``nir.NIRGraph`` (written atomically to ``path`` if given);
-    ``frames``: an input batch ``[N, T, 2, H, W]`` (only its shape is used).  The graph maps
-    one frame to that step's logits; ``dt``, T and the conventions go into its metadata."""
-    single = to_single_step(net)
-    meta = {"network": type(net).__name__, "timesteps": int(frames.shape[1]), "firing": FIRING,
-            "input": "one event frame [2, H, W] per step",
+    ``frames``: an input batch, ``[N, T, 2, H, W]`` event frames for the DVS networks,
+    ``[N, 3, H, W]`` images for ImageNet (only its shape is used).  The graph maps one step's
+    input to that step's logits; ``dt``, T and the conventions go into its metadata."""
+    single = single_step(net, frames)
+    steps = single.steps(frames)
+    meta = {"network": type(net).__name__, "timesteps": len(steps),
+            "input": single.input_kind,
             "output": "per-step logits; the network's logits are their mean over the steps"}
-    graph = ne.export(single, frames[:1, 0], dt=dt, metadata=meta)
+    graph = ne.export(single, steps[0][:1], dt=dt, metadata=meta)
     missing = sorted(set(single.plif_nodes.values()) - set(graph.nodes))
     if missing:
-        raise ne.NIRExportError(f"cannot export {type(net).__name__}: PLIF nodes {missing} are "
-                                "missing from the graph")
+        raise ne.NIRExportError(f"cannot export {type(net).__name__}: neuron nodes {missing} "
+                                "are missing from the graph")
     if path is not None:
         ne.save(graph, path)
     return graph
@@ -208,9 +240,9 @@ def load(source: str | os.PathLike | bytes | nir.NIRGraph,
 class RoundTrip:
     """How an imported graph compares with the network on one batch."""
 
-    mismatches: dict[str, int]  # differing spikes per PLIF layer (over all steps)
-    spikes: dict[str, int]  # spikes of the network per PLIF layer (over all steps)
-    outputs: dict[str, int]  # neuron outputs per PLIF layer (neurons x samples x steps)
+    mismatches: dict[str, int]  # differing spikes per spiking layer (over all steps)
+    spikes: dict[str, int]  # spikes of the network per spiking layer (over all steps)
+    outputs: dict[str, int]  # neuron outputs per spiking layer (neurons x samples x steps)
     features_equal: bool  # the output layer's inputs at every step
     max_logit_diff: float
     logits_within_bound: bool  # |diff| <= affine_mean_bound everywhere
@@ -224,21 +256,25 @@ class RoundTrip:
 
     def problem(self) -> str:
         bad = {k: v for k, v in self.mismatches.items() if v}
-        return (f"mismatching spikes per PLIF layer: {bad}, output-layer inputs equal: "
+        return (f"mismatching spikes per spiking layer: {bad}, output-layer inputs equal: "
                 f"{self.features_equal}, logits max |diff| {self.max_logit_diff:.3g} "
                 f"(bound {self.bound:.3g})")
 
 
 @torch.no_grad()
-def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTrip:
-    """Run ``net`` on ``frames`` ``[N, T, 2, H, W]`` and the imported graph step by step, and
-    compare every PLIF layer's spikes, the output layer's inputs and the logits."""
-    single = to_single_step(net)
-    flatten = net.conv[-1]
+def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor,
+            record: Callable[[nn.Module, list[Tensor]], ne.Recording] = ne.record,
+            ) -> RoundTrip:
+    """Run ``net`` on ``frames`` (its input batch) and the imported graph step by step, and
+    compare every spiking layer's spikes, the output layer's inputs and the logits.
+    ``record(graph_module, steps)``: the graph's outputs and spikes per neuron node name
+    (default: spikingjelly's graph modules; other simulators' imports need their own)."""
+    single = single_step(net, frames)
+    features_of = net.get_submodule(single.features_of)
     plifs = {n: m for n, m in net.named_modules() if n in single.plif_nodes}
     ref: dict[str, Tensor] = {}
     handles = [m.register_forward_hook(lambda _m, _i, out, n=n: ref.__setitem__(n, out.clone()))
-               for n, m in [*plifs.items(), ("features", flatten)]]
+               for n, m in [*plifs.items(), ("features", features_of)]]
     reset_net(net)
     try:
         logits = net(frames)
@@ -251,19 +287,130 @@ def compare(net: nn.Module, graph_module: nn.Module, frames: Tensor) -> RoundTri
     hook = getattr(graph_module, single.features_node).register_forward_hook(
         lambda _m, _i, out: steps.append(out.clone()))
     try:
-        got = ne.record(graph_module, [frames[:, t] for t in range(frames.shape[1])])
+        got = record(graph_module, single.steps(frames))
     finally:
         hook.remove()
+    ref["features"] = ref["features"].flatten(2)
     mismatches, spikes = ne.spike_mismatches(ref, got.spikes, single.plif_nodes)
     outputs = {orig: ref[orig].numel() for orig in single.plif_nodes}
     features = torch.stack(steps) if steps else torch.empty(0)
     graph_logits = got.outputs.mean(0)
     if graph_logits.shape != logits.shape:
         return RoundTrip(mismatches, spikes, outputs, False, float("inf"), False, float("nan"))
-    bound = ne.affine_mean_bound(net.out.weight, net.out.bias, features)
+    bound = ne.affine_mean_bound(single.head.weight, single.head.bias, features)
     diff = (graph_logits - logits).abs()
     return RoundTrip(mismatches, spikes, outputs,
                      features.shape == ref["features"].shape and torch.equal(features,
                                                                             ref["features"]),
                      float(diff.max()), bool((diff <= bound).all()), float(bound.max()),
                      {"network": logits, "graph": graph_logits})
+
+
+# ----------------------------------------------------------------------------- ImageNet
+class ImageNetBlock(nn.Module):
+    """A SEW ``BasicBlock`` / ``Bottleneck`` with ADD: ``sn_k(conv_k(...sn1(conv1(x))))`` plus
+    the shortcut (``x`` or ``downsample(x)`` = IF(BN(conv1x1(x))))."""
+
+    def __init__(self, name: str, block: nn.Module) -> None:
+        super().__init__()
+        kind = type(block).__name__
+        if block.connect_f != "ADD":
+            raise ne.NIRExportError(
+                f"cannot export layer '{name}' ({kind}, connect_f={block.connect_f!r}): NIR has "
+                "no node for the element-wise product; only ADD maps")
+        self.depth = 3 if hasattr(block, "conv3") else 2
+        for k in range(1, self.depth + 1):
+            setattr(self, f"conv{k}", ConvBN(f"{name}.conv{k}", getattr(block, f"conv{k}")))
+            setattr(self, f"sn{k}", ne.if_neuron(f"{name}.sn{k}", getattr(block, f"sn{k}")))
+        self.downsample = None
+        if block.downsample is not None:
+            ds = block.downsample
+            if not isinstance(ds, nn.Sequential) or len(ds) != 2:
+                raise ne.NIRExportError(f"cannot export layer '{name}.downsample' "
+                                        f"({type(ds).__name__}): expected Sequential(conv+BN, IF)")
+            self.downsample = nn.Sequential(ConvBN(f"{name}.downsample.0", ds[0]),
+                                            ne.if_neuron(f"{name}.downsample.1", ds[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x
+        for k in range(1, self.depth + 1):
+            out = getattr(self, f"sn{k}")(getattr(self, f"conv{k}")(out))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class ImageNetSingleStep(nn.Module):
+    """The single-step, NIR-exportable ImageNet SEW-ResNet: the image at every step, the
+    stem (conv1 -> BN -> IF -> max pooling of the 0/1 spikes), the SEW blocks, global average
+    pooling and ``fc``; submodules keep the original names."""
+
+    input_kind = "the image [3, H, W] at every step"
+    neuron_kind = "IF"
+    features_of = "avgpool"
+
+    def __init__(self, net: nn.Module, example: Tensor) -> None:
+        super().__init__()
+        self.T = int(net.T)
+        self.conv1 = ne.plain_layer("conv1", net.conv1)
+        self.bn1 = ne.bn_as_conv("bn1", net.bn1)
+        self.sn1 = ne.if_neuron("sn1", net.sn1)
+        pool = net.maxpool[0] if isinstance(net.maxpool, layer.SeqToANNContainer) else net.maxpool
+        self.maxpool = ne.integer_max_pool("maxpool.0", pool, 1)  # of the 0/1 spikes of sn1
+        for i in range(1, 5):
+            name = f"layer{i}"
+            setattr(self, name, nn.Sequential(*(ImageNetBlock(f"{name}.{j}", b)
+                                                for j, b in enumerate(getattr(net, name)))))
+        avg = net.avgpool[0] if isinstance(net.avgpool, layer.SeqToANNContainer) else net.avgpool
+        if not isinstance(avg, nn.AdaptiveAvgPool2d) or tuple(np.broadcast_to(
+                avg.output_size, 2)) != (1, 1):
+            raise ne.NIRExportError(f"cannot export layer 'avgpool' ({type(avg).__name__}): "
+                                    "expected global average pooling")
+        with torch.no_grad():  # the feature map's size sets the pooling kernel
+            side = self.body(example[:1].to(self.conv1.weight.device)).shape[-2:]
+        reset_net(self)
+        self.avgpool = nn.AvgPool2d(tuple(side))
+        self.flatten = nn.Flatten(1)
+        self.fc = ne.plain_layer("fc", net.fc)
+        self.features_node = "flatten"
+        theirs = [n.removeprefix(".") for n in _plif_names("", net)]
+        self.plif_nodes = {n: ne.node_name(n) for n in theirs}
+        ours = {n.removeprefix(".") for n in _plif_names("", self)}
+        if ours != set(theirs):
+            raise ne.NIRExportError(f"cannot export {type(net).__name__}: IF layers "
+                                    f"{sorted(ours ^ set(self.plif_nodes))} do not match")
+
+    @property
+    def head(self) -> nn.Module:
+        return self.fc
+
+    def steps(self, x: Tensor) -> list[Tensor]:
+        """The per-step graph inputs of an image batch ``[N, 3, H, W]``: the batch T times."""
+        return [x] * self.T
+
+    def body(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.sn1(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.flatten(self.avgpool(self.body(x))))
+
+
+def imagenet_single_step(net: nn.Module, example: Tensor) -> ImageNetSingleStep:
+    """Rebuild an ImageNet ``SEWResNet`` (ADD) from NIR-mappable single-step layers; a layer
+    without a NIR counterpart raises :class:`cbp.nir_export.NIRExportError` naming it."""
+    return ImageNetSingleStep(net, example).eval()
+
+
+def export_checked(net: nn.Module, frames: Tensor, path: str, dt: float = ne.DEFAULT_DT,
+                   device: str | torch.device = "cpu", label: str = "") -> str:
+    """Export ``net`` to ``path`` only if the file's bytes, imported back, reproduce it on
+    ``frames`` (:func:`compare`); the one-line report of an export script.  A layer without a
+    NIR node or a differing round trip is one ``UserError`` line and nothing is written."""
+    result = ne.write_checked(lambda: export(net, frames, dt=dt),
+                              lambda blob: compare(net, load(blob, device=device), frames), path)
+    label = label or type(net).__name__
+    single = single_step(net, frames)
+    steps, kind = len(single.steps(frames)), single.neuron_kind
+    return (f"exported {path} ({label}, T={steps}, dt={dt:g}): round trip exact on "
+            f"{frames.shape[0]} test samples, spikes identical in all {len(result.spikes)} "
+            f"{kind} layers ({sum(result.spikes.values())} spikes), logits max |diff| "
+            f"{result.max_logit_diff:.2g} (float32 bound {result.bound:.2g})")

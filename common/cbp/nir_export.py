@@ -5,6 +5,10 @@ trip.
 * :func:`export` writes a single-step module (plain ``nn.Conv2d`` / ``nn.Linear`` /
   ``nn.Flatten`` and spikingjelly neurons) with spikingjelly's ``export_to_nir``; ``dt`` and
   the pipeline's own facts go into the graph's metadata (NIR stores no time step).
+* Thresholds follow the NIR spec: a neuron fires on ``v > v_threshold``.  spikingjelly fires on
+  ``v >= v_threshold``, so :func:`export` stores the float32 just below each spikingjelly
+  threshold (:func:`below`) and :func:`load` raises it back (:func:`above`): the same spikes
+  for every float32 membrane value, in spikingjelly and in simulators that follow the spec.
 * :func:`load` imports a graph with spikingjelly, using the ``dt`` in its metadata.
 * :func:`write_checked` writes a file only after its exact bytes, read back, reproduce the
   network (e.g. :func:`record` compared with the network's own spikes).
@@ -43,6 +47,53 @@ def above(thresh: float) -> float:
     """The next float32 after ``thresh`` towards +inf: ``u >= above(t)`` iff ``u > t`` for
     every float32 ``u``."""
     return float(np.nextafter(np.float32(thresh), np.float32(np.inf)))
+
+
+def below(thresh: float) -> float:
+    """The float32 before ``thresh`` towards -inf: ``u > below(t)`` iff ``u >= t`` for every
+    float32 ``u`` (``above(below(t)) == t``)."""
+    return float(np.nextafter(np.float32(thresh), np.float32(-np.inf)))
+
+
+FIRING = "v > v_threshold (the NIR rule)"
+SPIKINGJELLY_FIRING = "v >= v_threshold"  # the rule of files written by earlier versions
+
+
+def nir_thresholds(graph: nir.NIRGraph, shift: Callable[[float], float]) -> nir.NIRGraph:
+    """Apply ``shift`` to every neuron threshold of ``graph`` (nested graphs included), in
+    place: ``below`` turns spikingjelly thresholds into NIR ones, ``above`` the reverse."""
+    for node in graph.nodes.values():
+        if hasattr(node, "nodes"):
+            nir_thresholds(node, shift)
+        elif getattr(node, "v_threshold", None) is not None:
+            old = np.asarray(node.v_threshold)
+            node.v_threshold = np.vectorize(shift, otypes=[old.dtype])(old) if old.size else old
+    return graph
+
+
+def pool_pairs(graph: nir.NIRGraph) -> nir.NIRGraph:
+    """Write every pooling node's ``kernel_size`` / ``stride`` / ``padding`` as the (height,
+    width) pair the NIR spec defines (spikingjelly writes one number for square pools), in
+    place."""
+    import nir
+
+    for node in graph.nodes.values():
+        if isinstance(node, nir.NIRGraph):
+            pool_pairs(node)
+        elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
+            for key in ("kernel_size", "stride", "padding"):
+                value = np.asarray(getattr(node, key))
+                setattr(node, key, np.broadcast_to(value, (2,)).astype(np.int64)
+                        if value.size == 1 else value)
+    return graph
+
+
+def spec_firing(graph: nir.NIRGraph) -> bool:
+    """Whether ``graph``'s thresholds follow the NIR rule ``v > v_threshold`` (every file this
+    module writes); files of earlier versions, whose metadata say ``v >= v_threshold``, hold
+    spikingjelly's thresholds."""
+    firing = str((graph.metadata or {}).get("firing", ""))
+    return not firing.startswith(SPIKINGJELLY_FIRING)
 
 
 def exact_weight(layer: nn.Module) -> Tensor:
@@ -134,6 +185,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     multiply_lif: bool = False,
+    nir_rule: bool = True,
 ) -> fx.GraphModule:
     """Import a NIR graph with spikingjelly (single-step ``forward(x, state) -> (y, state)``).
 
@@ -141,6 +193,9 @@ def load(
     would silently rescale every time constant, so a mismatch is an error.
     ``multiply_lif``: ``nir.LIF`` nodes integrate by multiplying with ``dt / tau`` (see
     :func:`lif_as_product`) instead of dividing by ``tau / dt``.
+    ``nir_rule``: every neuron fires on ``v > v_threshold`` as NIR defines (its spikingjelly
+    threshold is :func:`above` the stored one); ``False`` keeps the stored thresholds under
+    spikingjelly's ``v >= v_threshold``, as ``import_from_nir`` alone does.
     """
     from spikingjelly.activation_based.nir_exchange import import_from_nir
 
@@ -153,6 +208,9 @@ def load(
         raise ValueError(f"dt={dt} differs from the dt={stored} the graph was exported with")
     graph_module = import_from_nir(graph, dt=dt, device=str(device), dtype=dtype,
                                    step_mode="s")
+    if nir_rule and spec_firing(graph):
+        for _, wrapper in neuron_modules(graph_module):
+            wrapper.module.v_threshold = above(wrapper.module.v_threshold)
     return lif_as_product(graph_module) if multiply_lif else graph_module
 
 
@@ -311,18 +369,20 @@ def step_neuron(threshold: float) -> nn.Module:
 
 
 class IntegerMaxPool2d(nn.Module):
-    """``MaxPool2d(kernel, stride)`` of maps holding integers in ``[0, levels]``, built from
-    NIR nodes: ``max = sum_j any_window(x >= j)``, each ``x >= j`` a step neuron at ``j - 1/2``
-    and each ``any`` an ``AvgPool2d`` followed by a step neuron at ``1 / (2 kernel**2)``.
+    """``MaxPool2d(kernel, stride, padding)`` of maps holding integers in ``[0, levels]``,
+    built from NIR nodes: ``max = sum_j any_window(x >= j)``, each ``x >= j`` a step neuron at
+    ``j - 1/2`` and each ``any`` an ``AvgPool2d`` (zero padding counted, as max pooling of
+    non-negative maps may) followed by a step neuron at ``1 / (2 kernel**2)``.
     The thresholds lie half-way between attainable values, so ``>=`` and ``>`` agree."""
 
-    def __init__(self, kernel: int, stride: int, levels: int) -> None:
+    def __init__(self, kernel: int, stride: int, levels: int, padding: int = 0) -> None:
         super().__init__()
         self.levels = int(levels)
         # 0/1 maps need no level neuron
         self.level = nn.ModuleList([step_neuron(j - 0.5) for j in range(1, levels + 1)]
                                    if levels > 1 else [])
-        self.pool = nn.ModuleList([nn.AvgPool2d(kernel, stride) for _ in range(levels)])
+        self.pool = nn.ModuleList([nn.AvgPool2d(kernel, stride, padding)
+                                   for _ in range(levels)])
         self.any = nn.ModuleList([step_neuron(0.5 / kernel**2) for _ in range(levels)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -350,12 +410,29 @@ def integer_max_pool(name: str, pool: nn.Module, levels: int | None) -> IntegerM
         k, s = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
         if k[0] != k[1] or s[0] != s[1]:
             problem = "non-square kernel or stride"
-        elif pair(pool.padding) != (0, 0) or pair(pool.dilation) != (1, 1) or pool.ceil_mode:
-            problem = "padding, dilation or ceil_mode"
+        elif len(set(pair(pool.padding))) != 1:
+            problem = "non-square padding"
+        elif pair(pool.dilation) != (1, 1) or pool.ceil_mode:
+            problem = "dilation or ceil_mode"
     if problem:
         raise NIRExportError(f"cannot export layer '{name}' ({kind}): {problem}")
     return IntegerMaxPool2d(pair(pool.kernel_size)[0], pair(pool.stride or pool.kernel_size)[0],
-                            levels)
+                            levels, pair(pool.padding)[0])
+
+
+def if_neuron(name: str, node: nn.Module) -> nn.Module:
+    """A single-step copy of a spikingjelly ``IFNode`` with hard reset (exported as ``nir.IF``
+    with ``r = 1 / dt``: ``v += x`` per step)."""
+    from spikingjelly.activation_based import neuron
+
+    kind = type(node).__name__
+    if type(node) is not neuron.IFNode:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): expected IFNode")
+    if node.v_reset is None:
+        raise NIRExportError(f"cannot export layer '{name}' ({kind}): soft reset (NIR's IF "
+                             "resets to v_reset)")
+    return neuron.IFNode(v_threshold=float(node.v_threshold), v_reset=float(node.v_reset),
+                         step_mode="s")
 
 
 def plif_neuron(name: str, plif: nn.Module) -> nn.Module:
@@ -393,8 +470,9 @@ def export(
     """Export a single-step module built from NIR-mappable layers (``nn.Conv2d``,
     ``nn.Linear``, ``nn.AvgPool2d``, ``nn.Flatten``, spikingjelly IF/LIF/PLIF/CUBALIF neurons,
     ``+``) with spikingjelly's ``export_to_nir``; ``example``: one step's input batch (only its
-    shape is used).  ``dt`` and ``metadata`` go into ``graph.metadata``; the graph is written
-    atomically to ``path`` if given."""
+    shape is used).  Every threshold is stored by NIR's rule (:func:`below` spikingjelly's).
+    ``dt`` and ``metadata`` go into ``graph.metadata``; the graph is written atomically to
+    ``path`` if given."""
     from spikingjelly.activation_based.nir_exchange import export_to_nir
 
     if not dt > 0:
@@ -408,7 +486,9 @@ def export(
         if isinstance(detail, type):
             detail = f"NIR has no node for {detail.__name__}"
         raise NIRExportError(f"cannot export {type(module).__name__}: {detail}") from None
-    graph.metadata = {"dt": float(dt), **(metadata or {})}
+    nir_thresholds(graph, below)
+    pool_pairs(graph)
+    graph.metadata = {"dt": float(dt), "firing": FIRING, **(metadata or {})}
     if path is not None:
         save(graph, path)
     return graph

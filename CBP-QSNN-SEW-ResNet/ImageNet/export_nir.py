@@ -1,0 +1,90 @@
+"""Export an ImageNet SEW-ResNet (18/34, ADD) to NIR (Neuromorphic Intermediate Representation).
+
+Run from this folder, with the model and data flags of the --test-only evaluation:
+    python export_nir.py --model sew_resnet18 --connect_f ADD --T 4 --data-path ./datasets/imagenet --quant bin
+    python export_nir.py --model sew_resnet34 --connect_f ADD --T 4 --data-path ./datasets/imagenet --export_nir net.nir
+
+Reads the checkpoint --test-only reads (./trained_params/sew<depth>_checkpoint_319.pth with
+--quant fp32, the default; ./trained_params/SEW_ResNet_<depth>_ImageNet_<quant>_cbp_prequantized.pth
+otherwise), exports it and writes the file only after its bytes, imported back with
+spikingjelly, reproduce every IF layer's spikes and the output layer's inputs on the first
+validation batch, and the logits within the float32 bound of taking the mean over T after
+``fc`` instead of before it.  The layers map as sewcommon/nir_export.py describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import main_quantize_cbp as mq  # noqa: E402
+from sewcommon import data, engine  # noqa: E402
+from sewcommon import nir_export as sne  # noqa: E402
+
+from cbp import MODES  # noqa: E402
+from cbp import nir_export as ne  # noqa: E402
+from cbp.checkpoint import load_into  # noqa: E402
+from cbp.runtime import UserError, positive_float, require_file, run_main  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    # the flags of main_quantize_cbp.py, so that the same command line selects the same network
+    # and checkpoint (the training-only ones are accepted and ignored)
+    p = argparse.ArgumentParser(description="Export an ImageNet SEW-ResNet to NIR",
+                                parents=[mq.build_parser()], conflict_handler="resolve")
+    p.add_argument("--quant", default="fp32", choices=["fp32", *MODES],
+                   help="fp32 (the pretrained network, default) or a CBP-quantized one")
+    p.add_argument("--export_nir", default=None, metavar="PATH",
+                   help="output file (default ./trained_params/SEW_ResNet_<depth>_ImageNet_"
+                        "<quant>.nir)")
+    p.add_argument("--dt", type=positive_float, default=ne.DEFAULT_DT,
+                   help="time step in seconds the NIR time constants refer to")
+    args = p.parse_args(argv)
+    if args.connect_f is None:
+        raise UserError("--connect_f ADD|AND|IAND is required")
+    return args
+
+
+def checkpoint(args: argparse.Namespace) -> str:
+    """The checkpoint the matching --test-only run reads (the same one-line error if missing)."""
+    if args.quant == "fp32":
+        path = args.pretrained or mq.pretrained_path(args.model)
+        hint = (f"download it from the SEW-ResNet release or {engine.DRIVE}, or create it "
+                f"with: python main_train_fp32.py --model {args.model} --connect_f "
+                f"{args.connect_f} --T {args.T} --data-path {args.data_path}")
+    else:
+        path = mq.prequantized_path(args.model, args.quant)
+        hint = (f"download it from {engine.DRIVE} or create it with: python main_quantize_cbp.py "
+                f"--model {args.model} --connect_f {args.connect_f} --T {args.T} --data-path "
+                f"{args.data_path} --quant {args.quant} --tb --amp")
+    require_file(path, "checkpoint", hint)
+    return path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import q_sew_resnet
+    from torch.utils.data import DataLoader
+
+    depth = mq.depth(args.model)
+    out = args.export_nir or f"./trained_params/SEW_ResNet_{depth}_ImageNet_{args.quant}.nir"
+    path = checkpoint(args)
+    device = engine.resolve_device(args.device)
+    model = getattr(q_sew_resnet, args.model)(
+        T=args.T, connect_f=args.connect_f, mode=None if args.quant == "fp32" else args.quant,
+        width=args.width).to(device).eval()
+    load_into(model, engine.load_checkpoint_file(path), nonfinite="warn")
+    val = data.image_folder(os.path.join(args.data_path, "val"),
+                            data.imagenet_transforms(False, args.crop_size, args.resize_size),
+                            args.cache_dataset)
+    loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    images = next(iter(loader))[0].to(device).float()  # the first --test-only batch
+    print(sne.export_checked(model, images, out, args.dt, device,
+                             f"{args.model} {args.quant}"))
+
+
+if __name__ == "__main__":
+    run_main(main)
