@@ -1,17 +1,19 @@
 """Miniature replication of the paper on the embedded DIGITS data, on a CPU.
 
 Every pipeline runs its own scripts, as a user would, at a small width: fp32 training, then
-CBP to bin / ter / 1bit / 2bit and the documented evaluation of each result.
+CBP to bin / ter / 1bit / 2bit and the documented evaluation of each result, and the same with
+the two baselines of ``--method`` (post-training quantization and straight-through QAT).
 
     python mini_replication.py                      # everything, about 20 min on 2 cores
     python mini_replication.py --pipelines SEW STBP --seeds 0
+    python mini_replication.py --methods cbp        # CBP alone (the first table)
     python mini_replication.py --readme             # also put the table/figure in docs/
 
 STBP runs three seeds (mean and sample standard deviation); the others one.  SEW-ResNet sees
 the digits as two-polarity event frames from an emulated DVS (``sewcommon.dvs_emulator``) and the
 calibration pipeline converts a trained ANN to an SNN before CBP, so its fp32 column is the
 calibrated SNN.  Jobs run ``--jobs`` at a time with the cores split between them; a finished
-job's result (``<out>/<pipeline>/seed<k>/<mode>.json``) is reused unless ``--force``.
+job's result (``<out>/<pipeline>/seed<k>/<mode>[_<method>].json``) is reused unless ``--force``.
 Writes ``<out>/mini_replication.md`` and ``<out>/mini_replication.png``; with ``--readme``
 also the table into ``docs/mini_replication.md`` (between the ``<!-- mini:start -->`` /
 ``<!-- mini:end -->`` markers) and the figure to ``docs/mini_replication.png``.
@@ -33,6 +35,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cbp.methods import METHODS, suffix
 from docblock import replace_block
 from reproduce import METRICS, device_args
 
@@ -55,7 +58,7 @@ class Pipeline:
     fp32: list[str]  # [script, *args]
     fp32_acc: re.Pattern  # best fp32 test accuracy in the fp32 (or CBP) output
     train: object  # (mode, seed) -> [script, *args]
-    evaluate: object  # (mode, seed, cwd) -> [script, *args]
+    evaluate: object  # (mode, seed, cwd, method) -> [script, *args]
     seeded: object  # (args, seed) -> args with the seed set
     fp32_from_cbp: bool = False  # the fp32 accuracy is printed by the CBP run (calibration)
     # the CBP runs of one seed share an output file (calibration: the calibrated SNN), which
@@ -64,6 +67,7 @@ class Pipeline:
     acc_scale: float = 1.0  # 100 where the evaluation prints accuracy as a fraction
     seeds: tuple[int, ...] = (0,)
     notes: list[str] = field(default_factory=list)
+    method_flag: str = "--method"  # how the scripts choose cbp / ste / ptq
 
 
 def _seed_flag(flag: str):
@@ -80,8 +84,8 @@ def pipelines() -> dict[str, Pipeline]:
     cal_cbp = [*cal_net, "--T", "16", "--calib", "light", "--opt", "Adam", "--lr", "1e-3",
                "--lr_lambda", "1e-3", "-epochs", "10", "--trials", "1", "--no_progress"]
 
-    def cal_eval(mode, seed, cwd):
-        hits = sorted(glob.glob(os.path.join(cwd, "logs", f"*_{mode}_0_ckpt.pth")))
+    def cal_eval(mode, seed, cwd, method="cbp"):
+        hits = sorted(glob.glob(os.path.join(cwd, "logs", f"*_{mode}{suffix(method)}_0_ckpt.pth")))
         ckpt = os.path.relpath(hits[-1], cwd) if hits else f"logs/<missing {mode} checkpoint>"
         return ["main_calibration_quantize_cbp.py", *cal_cbp, "--quant", mode,
                 "--evaluate", ckpt]
@@ -94,7 +98,7 @@ def pipelines() -> dict[str, Pipeline]:
             re.compile(r"Best Test Accuracy : ([0-9.]+)"),
             lambda m, s: ["main_quantize_cbp.py", *stbp_net, "--mode", "train", "--quant", m,
                           "--learning_rate", "0.05", "--period", "3", "--num_epochs", "15"],
-            lambda m, s, cwd: ["main_quantize_cbp.py", *stbp_net, "--mode", "eval",
+            lambda m, s, cwd, *_: ["main_quantize_cbp.py", *stbp_net, "--mode", "eval",
                                "--quant", m],
             _seed_flag("--seed"), seeds=STBP_SEEDS),
         "TSSL-BP": Pipeline(
@@ -102,8 +106,8 @@ def pipelines() -> dict[str, Pipeline]:
             ["main_train_fp32.py", *tssl_cfg],
             re.compile(r"Best Accuracy: ([0-9.]+)"),
             lambda m, s: ["main_quantize_cbp.py", *tssl_cfg, "-mode", "train", "-quant", m],
-            lambda m, s, cwd: ["main_quantize_cbp.py", *tssl_cfg, "-mode", "eval", "-quant", m],
-            _seed_flag("-seed")),
+            lambda m, s, cwd, *_: ["main_quantize_cbp.py", *tssl_cfg, "-mode", "eval", "-quant", m],
+            _seed_flag("-seed"), method_flag="-method"),
         "SEW-ResNet": Pipeline(
             "SEW-ResNet", "CBP-QSNN-SEW-ResNet/DVS128Gesture",
             "7B-Net, 3 stages ×1/4, DVS events", 8, "10 / 10",
@@ -111,7 +115,7 @@ def pipelines() -> dict[str, Pipeline]:
             re.compile(r"max test acc1 ([0-9.]+)"),
             lambda m, s: ["main_quantize_cbp.py", *sew_net, "--epochs", "10", "--lr", "0.01",
                           "--quant", m, "--period", "3"],
-            lambda m, s, cwd: ["main_quantize_cbp.py", *sew_net, "--test-only", "--quant", m],
+            lambda m, s, cwd, *_: ["main_quantize_cbp.py", *sew_net, "--test-only", "--quant", m],
             _seed_flag("--seed")),
         "SNN-Calibration": Pipeline(
             "SNN-Calibration", "CBP-QSNN-SNN-Calibration", "VGG16 ×1/8 (BN folded)", 16,
@@ -174,9 +178,12 @@ class Runner:
 
         return self.pool.submit(job)
 
-    def cbp_job(self, p: Pipeline, seed: int, mode: str, after: Future) -> Future:
+    def cbp_job(self, p: Pipeline, seed: int, mode: str, after: Future,
+                method: str = "cbp") -> Future:
         cwd = os.path.join(self.out, p.name, f"seed{seed}")
-        res = os.path.join(cwd, f"{mode}.json")
+        label = f"{mode}{suffix(method)}"
+        res = os.path.join(cwd, f"{label}.json")
+        chosen = [] if method == "cbp" else [p.method_flag, method]
 
         def job():
             after.result()
@@ -184,12 +191,14 @@ class Runner:
                 with open(res) as f:
                     return json.load(f)
             t0 = time.time()
-            text = self.run(p, cwd, p.seeded(p.train(mode, seed), seed), f"{mode}.log")
+            text = self.run(p, cwd, p.seeded(p.train(mode, seed) + chosen, seed),
+                            f"{label}.log")
             r: dict = {"seconds": time.time() - t0}
             if p.fp32_from_cbp:
                 hits = p.fp32_acc.findall(text)
                 r["fp32_acc"] = float(hits[-1]) if hits else None
-            ev = self.run(p, cwd, p.seeded(p.evaluate(mode, seed, cwd), seed), f"{mode}.log")
+            ev = self.run(p, cwd, p.seeded(p.evaluate(mode, seed, cwd, method) + chosen, seed),
+                          f"{label}.log")
             for key, rx in METRICS:
                 hits = rx.findall(ev)
                 r[key] = float(hits[-1]) if hits else None
@@ -203,9 +212,11 @@ class Runner:
 
 
 def replicate(names: list[str], seeds: tuple[int, ...] | None, out: str, jobs: int,
-              force: bool, modes: tuple[str, ...] = MODES, stats: dict | None = None) -> dict:
-    """{pipeline: {seed: {'fp32': result, mode: result}}} (a result is None if it failed);
-    ``stats['ran']`` tells whether any command ran (rather than every result being reused)."""
+              force: bool, modes: tuple[str, ...] = MODES, stats: dict | None = None,
+              methods: tuple[str, ...] = ("cbp",)) -> dict:
+    """{pipeline: {seed: {'fp32': result, mode: result, mode_ste: ..., mode_ptq: ...}}} (a
+    result is None if it failed; ``methods`` beside cbp add their labels); ``stats['ran']``
+    tells whether any command ran (rather than every result being reused)."""
     table = pipelines()
     runner = Runner(out, jobs, force)
     fp32: dict = {}
@@ -218,9 +229,11 @@ def replicate(names: list[str], seeds: tuple[int, ...] | None, out: str, jobs: i
     for (n, s) in fp32:
         after = fp32[(n, s)]
         for m in modes:
-            cbp[(n, s, m)] = runner.cbp_job(table[n], s, m, after)
-            if table[n].serial_cbp:
-                after = cbp[(n, s, m)]  # FIFO queue: the one waited on has already started
+            for method in sorted(methods, key=("ptq", "cbp", "ste").index):  # quickest first
+                label = f"{m}{suffix(method)}"
+                cbp[(n, s, label)] = runner.cbp_job(table[n], s, m, after, method)
+                if table[n].serial_cbp:  # FIFO queue: the one waited on has already started
+                    after = cbp[(n, s, label)]
     results: dict = {}
     failures = []
     for key, fut in list(fp32.items()) + list(cbp.items()):
@@ -254,12 +267,45 @@ def _accs(per_seed: dict, label: str) -> list[float]:
     return out
 
 
-def _cell(vals: list[float]) -> str:
+def _cell(vals: list[float], digits: int = 2) -> str:
     if not vals:
         return "—"
     if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _values(per_seed: dict, label: str, key: str) -> list[float]:
+    return [r[label][key] for r in per_seed.values()
+            if r.get(label) and r[label].get(key) is not None]
+
+
+BASELINE_ORDER = ("ptq", "ste", "cbp")
+
+
+def baselines(results: dict) -> str:
+    """The second table: PTQ, STE and CBP accuracy and CFS per pipeline and mode (empty when
+    no baseline ran)."""
+    if not any(label.endswith(("_ste", "_ptq")) for per_seed in results.values()
+               for runs in per_seed.values() for label in runs):
+        return ""
+    lines = ["| pipeline | seeds | mode | PTQ | STE | CBP | CFS PTQ / STE / CBP |",
+             "|---|---|---|---|---|---|---|"]
+    for n, per_seed in results.items():
+        for m in MODES:
+            labels = [f"{m}{suffix(method)}" for method in BASELINE_ORDER]
+            if not any(_values(per_seed, lb, "acc") for lb in labels):
+                continue
+            accs = [_cell(_values(per_seed, lb, "acc")) for lb in labels]
+            cfs = " / ".join(_cell(_values(per_seed, lb, "cfs"), 4) for lb in labels)
+            lines.append(f"| {n} | {len(per_seed)} | {m} | " + " | ".join(accs) + f" | {cfs} |")
+    lines.append("")
+    lines.append("The same fp32 network of each seed quantized three ways (`--method`): PTQ "
+                 "quantizes its weights with the scales and levels CBP uses and evaluates them, "
+                 "STE trains like CBP for the same epochs with the multipliers held at 0, CBP "
+                 "is the first table.  Best test accuracy (%), mean ± sample standard "
+                 "deviation over seeds where there are several; CFS is 0 on the levels.")
+    return "\n".join(lines) + "\n"
 
 
 def _per_mode(per_seed: dict, key: str, fmt: str, scale: float = 1.0,
@@ -299,7 +345,8 @@ def markdown(results: dict, seconds: float, jobs: int) -> str:
                  f"energy estimate (0.9 pJ per accumulate, 4.6 pJ per multiply-accumulate of "
                  f"an analog input; 45 nm) are per test sample, from each quantized network's "
                  f"evaluation (mean over seeds).")
-    return "\n".join(lines) + "\n"
+    extra = baselines(results)
+    return "\n".join(lines) + "\n" + (f"\n{extra}" if extra else "")
 
 
 def figure(results: dict, path: str) -> bool:
@@ -350,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at a time (the cores are split between them)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="cbp (the first table) and the baselines ste / ptq (the second)")
     p.add_argument("--force", action="store_true", help="rerun jobs that already have results")
     p.add_argument("--readme", action="store_true",
                    help="write the table into docs/mini_replication.md and the figure "
@@ -360,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     stats: dict = {}
     results = replicate(args.pipelines, tuple(args.seeds) if args.seeds else None, out,
-                        max(1, args.jobs), args.force, tuple(args.modes), stats)
+                        max(1, args.jobs), args.force, tuple(args.modes), stats,
+                        tuple(args.methods))
     wall = os.path.join(out, "wall.json")
     if stats["ran"] or not os.path.isfile(wall):
         with open(wall, "w") as f:

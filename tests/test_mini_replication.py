@@ -21,11 +21,13 @@ FAKE = """
 import sys, time, pathlib
 args = sys.argv[1:]
 mode = args[args.index('--quant') + 1] if '--quant' in args else 'fp32'
+method = args[args.index('--method') + 1] if '--method' in args else 'cbp'
 if 'eval' in args:
     with open('order.txt', 'a') as f:
-        f.write('eval ' + mode + chr(10))
-    print('Test Accuracy:', {'bin': 90.0, 'ter': 91.5, '1bit': 92.0, '2bit': 93.0}[mode])
-    print('CFS: 0.0123  weight memory: 0.5000 Mbit')
+        f.write('eval ' + mode + ('' if method == 'cbp' else '_' + method) + chr(10))
+    print('Test Accuracy:', {'bin': 90.0, 'ter': 91.5, '1bit': 92.0, '2bit': 93.0}[mode]
+          - {'cbp': 0.0, 'ste': 1.0, 'ptq': 10.0}[method])
+    print('CFS: %g  weight memory: 0.5000 Mbit' % {'cbp': 0.0123, 'ste': 0.05, 'ptq': 0.09}[method])
     print('SynOps/sample: %d  MACs/sample: 10  energy/sample: %g uJ  (3 samples)'
           % ({'bin': 2e6, 'ter': 3e6, '1bit': 4e6, '2bit': 5e6}[mode],
              {'bin': 1.5, 'ter': 2.5, '1bit': 3.5, '2bit': 4.5}[mode]))
@@ -60,7 +62,7 @@ def fake_pipeline(tmp_path: Path, fail: bool = False, serial: bool = False) -> m
         "STBP", str(script_dir), "fake net", 4, "1 / 1", ["fake.py", "--mode", "train"],
         re.compile(r"Best Test Accuracy : ([0-9.]+)"),
         lambda m, s: ["fake.py", "--mode", "train", "--quant", m, *extra],
-        lambda m, s, cwd: ["fake.py", "--mode", "eval", "--quant", m],
+        lambda m, s, cwd, *_: ["fake.py", "--mode", "eval", "--quant", m],
         mr._seed_flag("--seed"), seeds=(0, 1), serial_cbp=serial)
 
 
@@ -77,6 +79,8 @@ def test_calibration_is_serial():
 
     table = importlib.reload(mr).pipelines()
     assert table["SNN-Calibration"].serial_cbp
+    assert [p.method_flag for p in table.values()] == ["--method", "-method", "--method",
+                                                       "--method"]
     assert not any(p.serial_cbp for name, p in table.items() if name != "SNN-Calibration")
 
 
@@ -103,6 +107,27 @@ def test_runner_orders_jobs_reuses_results_and_reports(tmp_path, monkeypatch, ca
                          "93.00 ± 0.00"]
     assert "0.5000 / 0.5000 / 0.5000 / 0.5000" in text and "1.0 min" in text
     assert row[11:13] == ["2 / 3 / 4 / 5", "1.5 / 2.5 / 3.5 / 4.5 |"]  # SynOps (M), energy
+
+
+def test_baselines_run_with_the_method_flag_and_get_their_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake_pipeline(tmp_path)})
+    res = mr.replicate(["STBP"], None, str(tmp_path / "out"), jobs=2, force=False,
+                       modes=("bin", "ter"), methods=("cbp", "ste", "ptq"))
+    runs = res["STBP"][0]
+    assert set(runs) == {"fp32", "bin", "bin_ste", "bin_ptq", "ter", "ter_ste", "ter_ptq"}
+    assert (runs["ter_ptq"]["acc"], runs["ter_ste"]["acc"], runs["ter"]["acc"]) == (81.5, 90.5, 91.5)
+    assert runs["bin_ste"]["cfs"] == 0.05
+    seed0 = tmp_path / "out" / "STBP" / "seed0"
+    assert json.loads((seed0 / "bin_ptq.json").read_text())["acc"] == 80.0
+    assert "--method ste" in (seed0 / "bin_ste.log").read_text()
+    assert "--method" not in (seed0 / "bin.log").read_text()
+    text = mr.markdown(res, 60.0, 2)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| STBP | 2 |")]
+    assert rows == ["| STBP | 2 | bin | 80.00 ± 0.00 | 89.00 ± 0.00 | 90.00 ± 0.00 | "
+                    "0.0900 ± 0.0000 / 0.0500 ± 0.0000 / 0.0123 ± 0.0000 |",
+                    "| STBP | 2 | ter | 81.50 ± 0.00 | 90.50 ± 0.00 | 91.50 ± 0.00 | "
+                    "0.0900 ± 0.0000 / 0.0500 ± 0.0000 / 0.0123 ± 0.0000 |"]
+    assert mr.baselines({"STBP": {0: {"bin": {"acc": 1.0}}}}) == ""  # CBP alone: no table
 
 
 def test_failed_job_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
@@ -173,7 +198,7 @@ def test_tiny_sew_pipeline_end_to_end(tmp_path, monkeypatch):
         ["main_train_fp32.py", *net, "--epochs", "1", "--lr", "0.1"], real.fp32_acc,
         lambda m, s: ["main_quantize_cbp.py", *net, "--epochs", "1", "--lr", "0.01",
                       "--quant", m, "--period", "1"],
-        lambda m, s, cwd: ["main_quantize_cbp.py", *net, "--test-only", "--quant", m],
+        lambda m, s, cwd, *_: ["main_quantize_cbp.py", *net, "--test-only", "--quant", m],
         real.seeded)
     monkeypatch.setattr(mr, "pipelines", lambda: {"SEW-ResNet": tiny})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
