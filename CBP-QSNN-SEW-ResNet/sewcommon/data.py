@@ -78,7 +78,8 @@ def spikingjelly_dataset(cls, root: str, T: int, name: str, files_hint: str, mak
         missing, damaged = verify_files(download, [(f, md5) for f, _, md5 in resources])
         if damaged:
             raise damaged_error(damaged, f"download {'it' if len(damaged) == 1 else 'them'} "
-                                f"again ({files_hint}) and replace the damaged copy")
+                                f"again ({files_hint}) and replace the damaged "
+                                f"{'copy' if len(damaged) == 1 else 'copies'}")
         if len(missing) == len(resources):
             raise DatasetMissing(f"{name} not found in {root}: put {files_hint} into "
                                  f"{download}/ (spikingjelly converts events_np/ from there)")
