@@ -129,6 +129,11 @@ def test_cifar10dvs_zips_converted_damaged_and_empty_download(cifar10dvs, tmp_pa
     full = sdata.cifar10dvs_full(str(cifar10dvs), 4)
     assert len(full) == 20 and sorted(full.targets) == sorted(list(range(10)) * 2)
     assert float(full[0][0].sum()) == 40
+    cache = tmp_path / "dts_cache"
+    for _ in range(2):  # the second time the split cache is unreadable: rebuilt
+        train, test = sdata.cifar10dvs(str(cifar10dvs), 4, str(cache))
+        assert (len(train), len(test)) == (20, 0)  # 2 files a class: ceil(1.8) = 2 train
+        (cache / "train_set_4.pt").write_bytes(b"cut short")
     empty = tmp_path / "empty"
     (empty / "download").mkdir(parents=True)
     with pytest.raises(DatasetMissing, match=r"CIFAR10-DVS not found in .*empty: put the 10 "

@@ -163,10 +163,13 @@ def cifar10dvs(root: str, T: int, cache_dir: str | None) -> tuple[Dataset, Datas
     if cache_dir:
         paths = [os.path.join(cache_dir, f"{s}_set_{T}.pt") for s in ("train", "test")]
         if all(os.path.isfile(p) for p in paths):
-            cached = [torch.load(p, weights_only=True) for p in paths]
-            if all(c.get("root") == key and max(c["indices"], default=-1) < len(full)
-                   for c in cached):
-                return Subset(full, cached[0]["indices"]), Subset(full, cached[1]["indices"])
+            try:
+                cached = [torch.load(p, weights_only=True) for p in paths]
+                if all(c.get("root") == key and max(c["indices"], default=-1) < len(full)
+                       for c in cached):
+                    return Subset(full, cached[0]["indices"]), Subset(full, cached[1]["indices"])
+            except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
+                pass
     train, test = split_per_class(full.targets, 0.9, 10)
     if paths is not None:
         from cbp.checkpoint import save_atomic
