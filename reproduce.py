@@ -205,6 +205,9 @@ def device_args(args: list[str], cuda: bool) -> list[str]:
 def run(script_dir: str, cwd: str, cmd: list[str], cuda: bool, log) -> subprocess.CompletedProcess:
     """Run ``[script, *args]`` from ``script_dir`` with working directory ``cwd``."""
     cmd = [cmd[0], *device_args(cmd[1:], cuda)]
+    for i in range(1, len(cmd) - 1):  # a config file is the script's, not the data tree's
+        if cmd[i] == "-config" and not os.path.isabs(cmd[i + 1]):
+            cmd[i + 1] = os.path.join(script_dir, cmd[i + 1])
     full = [sys.executable, os.path.join(script_dir, cmd[0]), *cmd[1:]]
     os.makedirs(cwd, exist_ok=True)
     env = dict(os.environ, CBP_NO_PROGRESS="1")

@@ -151,7 +151,10 @@ def identity(args, script: str, model) -> dict:
 
 
 class STBPTrainer(Trainer):
-    """The loop of both STBP scripts: MSE between output rate and one-hot label."""
+    """The loop of both STBP scripts: MSE between output rate and one-hot label.  The first
+    epoch counts as the best so far (its files are written even at 0 % test accuracy)."""
+
+    best_init = -1.0
 
     def __init__(self, model, optimizer, *, args, outs: int, **kw) -> None:
         self.args, self.outs = args, outs

@@ -109,3 +109,29 @@ def test_two_rank_training_stays_in_sync(tmp_path):
     ):
         assert torch.equal(a, b)
         assert not torch.equal(a, before)
+
+
+def test_run_main_leaves_the_process_group_on_every_exit(tmp_path):
+    """Success, a user error and a bug: the process group is destroyed each time (a rank that
+    exits with its group alive can abort in the collective library's threads)."""
+    from cbp.errors import UserError
+    from cbp.runtime import run_main
+
+    def fail_with(exc):
+        def main():
+            raise exc
+        return main
+
+    outcomes = []
+    for n, main in enumerate((lambda: None, fail_with(UserError("x")), fail_with(KeyError("k")))):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init{n}", rank=0,
+                                world_size=1)
+        try:
+            run_main(main)
+            outcomes.append("ok")
+        except SystemExit as exc:
+            outcomes.append(exc.code)
+        except KeyError:
+            outcomes.append("bug")
+        outcomes.append(dist.is_initialized())
+    assert outcomes == ["ok", False, 1, False, "bug", False]

@@ -98,3 +98,20 @@ def test_digits_rows_are_evaluated(tmp_path):
         assert e == pytest.approx((0.9 * s + 4.6 * m) * 1e-6, rel=1e-5)
     # bin layers cost 1 bit per weight, ter 2
     assert float(rows[0]["ours weight memory (Mbit)"]) < float(rows[1]["ours weight memory (Mbit)"])
+
+
+def test_config_file_is_the_scripts_under_another_root(tmp_path, monkeypatch):
+    """--root: the rows run in the other tree, the TSSL-BP config stays the repository's."""
+    seen = []
+    monkeypatch.setattr(reproduce.subprocess, "run",
+                        lambda cmd, cwd, **kw: seen.append((cmd, cwd)) or
+                        subprocess.CompletedProcess(cmd, 1, "", "error: stop"))
+    script_dir = os.path.join(reproduce.ROOT, "CBP-QSNN-TSSL-BP")
+    with open(os.devnull, "w") as log:
+        reproduce.run(script_dir, str(tmp_path), ["main_quantize_cbp.py", "-config",
+                                                  "Networks/CIFAR10_bin.yaml", "-mode", "eval"],
+                      False, log)
+    (cmd, cwd), = seen
+    config = cmd[cmd.index("-config") + 1]
+    assert config == os.path.join(script_dir, "Networks", "CIFAR10_bin.yaml")
+    assert os.path.isfile(config) and cwd == str(tmp_path)

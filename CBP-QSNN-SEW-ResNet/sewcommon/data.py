@@ -6,12 +6,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import sys
+import tarfile
+import zipfile
+from collections.abc import Iterable
 
 import torch
 from torch.utils.data import Dataset, Subset
 
-from cbp.data import IMAGENET_MEAN, IMAGENET_STD, DatasetMissing
+from cbp.data import IMAGENET_MEAN, IMAGENET_STD, DatasetMissing, damaged_error, verify_files
 
 DVS128_URL = "https://ibm.ent.box.com/s/3hiq58ww1pbbjrinh367ykfdf60xsfm8/folder/50167556794"
 DVS128_FILES = "DvsGesture.tar.gz, gesture_mapping.csv, LICENSE.txt and README.txt"
@@ -21,10 +25,6 @@ IMAGENET_URL = "https://image-net.org (ILSVRC2012 train/ and val/ in ImageFolder
 
 def _frames_dir(root: str, T: int) -> str:
     return os.path.join(root, f"frames_number_{T}_split_by_number")
-
-
-def _have_any(root: str, names: list[str]) -> bool:
-    return any(os.path.exists(os.path.join(root, n)) for n in names)
 
 
 def _ast_thread_safe(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
@@ -44,37 +44,99 @@ def _spikingjelly_preprocess_threads() -> None:
     configure.max_threads_number_for_datasets_preprocess = 1
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def spikingjelly_dataset(cls, root: str, T: int, name: str, files_hint: str, make):
+    """``make()`` (spikingjelly's frame datasets of ``cls`` in ``root``) after checking what
+    spikingjelly would read, so that it never downloads, deletes or fails half-way:
+
+    * without a finished ``events_np/`` spikingjelly converts ``download/``: every file of
+      ``cls.resource_url_md5()`` must be there with its published MD5 (a damaged one is
+      reported and left in place; ``extract/`` alone is not enough);
+    * a conversion a stopped run left unfinished (``events_np.building``,
+      ``frames_number_<T>_split_by_number.building``) is removed and redone, under a lock
+      (``.events_np.lock``) that keeps two runs from converting at once;
+    * any other failure of spikingjelly is one line.
+    """
+    if not root:
+        raise DatasetMissing(f"--data-path is required (the {name} root folder)")
+    raw, extract, download = (os.path.join(root, n) for n in ("events_np", "extract", "download"))
+    frames = _frames_dir(root, T)
+    need_raw = os.path.exists(raw + ".building") or not os.path.isdir(raw)
+    if need_raw:
+        resources = cls.resource_url_md5()
+        url = resources[0][1]
+        missing, damaged = verify_files(download, [(f, md5) for f, _, md5 in resources])
+        if damaged:
+            raise damaged_error(damaged, f"download {'it' if len(damaged) == 1 else 'them'} "
+                                f"again ({files_hint}) and replace the damaged "
+                                f"{'copy' if len(damaged) == 1 else 'copies'}")
+        if len(missing) == len(resources):
+            raise DatasetMissing(f"{name} not found in {root}: put {files_hint} into "
+                                 f"{download}/ (spikingjelly converts events_np/ from there)")
+        if missing:
+            names = ", ".join(os.path.basename(m) for m in missing)
+            raise DatasetMissing(f"{name} in {root} is incomplete: {names} missing from "
+                                 f"{download}/ ({url})")
+    if need_raw or os.path.exists(frames + ".building") or not os.path.isdir(frames):
+        from cbp.files import OutputLock
+
+        with OutputLock([raw]):  # one conversion at a time
+            if os.path.exists(raw + ".building"):
+                print(f"{root}: a stopped run left the conversion to events_np/ unfinished; "
+                      "removing events_np/ and extract/ and converting again")
+                for path in (raw, extract, raw + ".building"):
+                    _remove(path)
+            if os.path.exists(frames + ".building"):
+                print(f"{root}: a stopped run left {os.path.basename(frames)}/ unfinished; "
+                      "removing it and integrating the frames again")
+                for path in (frames, frames + ".building"):
+                    _remove(path)
+            return _call_spikingjelly(make, name, root)
+    return _call_spikingjelly(make, name, root)
+
+
+def _call_spikingjelly(make, name: str, root: str):
+    _spikingjelly_preprocess_threads()
+    try:
+        return make()
+    except (OSError, RuntimeError, ValueError, EOFError, NotImplementedError, KeyError,
+            IndexError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        left = [n for n in os.listdir(root) if n.endswith(".building")] \
+            if os.path.isdir(root) else []
+        again = f" (the next run removes the unfinished {', '.join(left)} and converts again)" \
+            if left else ""
+        raise DatasetMissing(f"cannot read {name} in {root}: {_first_line(exc)}{again}") \
+            from None
+
+
 def dvs128_gesture(root: str | None, T: int) -> tuple[Dataset, Dataset]:
     """(train, test) frame datasets of DVS128 Gesture, official 1176/288 split."""
-    if not root:
-        raise DatasetMissing("--data-path is required (the DVS128 Gesture root folder)")
-    if not (_have_any(root, [os.path.basename(_frames_dir(root, T)), "events_np", "extract"])
-            or os.path.isfile(os.path.join(root, "download", "DvsGesture.tar.gz"))):
-        raise DatasetMissing(
-            f"DVS128 Gesture not found in {root}: download {DVS128_FILES} from {DVS128_URL} "
-            f"into {os.path.join(root, 'download')}/"
-        )
     from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
 
-    _spikingjelly_preprocess_threads()
-
     kw = dict(data_type="frame", frames_number=T, split_by="number")
-    return DVS128Gesture(root, train=True, **kw), DVS128Gesture(root, train=False, **kw)
+    return spikingjelly_dataset(
+        DVS128Gesture, root, T, "DVS128 Gesture", f"{DVS128_FILES} from {DVS128_URL}",
+        lambda: (DVS128Gesture(root, train=True, **kw), DVS128Gesture(root, train=False, **kw)))
 
 
 def cifar10dvs_full(root: str, T: int) -> Dataset:
     """The whole CIFAR10-DVS frame dataset (10 x 1000 samples, DatasetFolder order)."""
-    if not _have_any(root, [os.path.basename(_frames_dir(root, T)), "events_np", "extract",
-                            "download"]):
-        raise DatasetMissing(
-            f"CIFAR10-DVS not found in {root}: put the 10 class archives (airplane.zip ... "
-            f"truck.zip) from {CIFAR10DVS_URL} into {os.path.join(root, 'download')}/"
-        )
     from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
 
-    _spikingjelly_preprocess_threads()
-
-    return CIFAR10DVS(root, data_type="frame", frames_number=T, split_by="number")
+    return spikingjelly_dataset(
+        CIFAR10DVS, root, T, "CIFAR10-DVS",
+        f"the 10 class archives (airplane.zip ... truck.zip) from {CIFAR10DVS_URL}",
+        lambda: CIFAR10DVS(root, data_type="frame", frames_number=T, split_by="number"))
 
 
 def split_per_class(targets: list[int], train_ratio: float, num_classes: int
@@ -101,10 +163,13 @@ def cifar10dvs(root: str, T: int, cache_dir: str | None) -> tuple[Dataset, Datas
     if cache_dir:
         paths = [os.path.join(cache_dir, f"{s}_set_{T}.pt") for s in ("train", "test")]
         if all(os.path.isfile(p) for p in paths):
-            cached = [torch.load(p, weights_only=True) for p in paths]
-            if all(c.get("root") == key and max(c["indices"], default=-1) < len(full)
-                   for c in cached):
-                return Subset(full, cached[0]["indices"]), Subset(full, cached[1]["indices"])
+            try:
+                cached = [torch.load(p, weights_only=True) for p in paths]
+                if all(c.get("root") == key and max(c["indices"], default=-1) < len(full)
+                       for c in cached):
+                    return Subset(full, cached[0]["indices"]), Subset(full, cached[1]["indices"])
+            except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
+                pass
     train, test = split_per_class(full.targets, 0.9, 10)
     if paths is not None:
         from cbp.checkpoint import save_atomic
@@ -127,15 +192,51 @@ def imagenet_transforms(train: bool, crop: int = 224, resize: int = 256):
 
 
 def cache_path(dirpath: str) -> str:
-    h = hashlib.sha1(dirpath.encode()).hexdigest()[:10]
+    """Where ``--cache-dataset`` keeps the file list of ``dirpath`` (by its absolute path)."""
+    h = hashlib.sha1(os.path.abspath(dirpath).encode()).hexdigest()[:10]
     return os.path.join(os.path.expanduser("~"), ".torch", "vision", "datasets", "imagefolder",
                         f"{h}.pt")
 
 
+def folder_fingerprint(dirpath: str, folders: Iterable[str]) -> str:
+    """SHA-1 over the name and modification time of ``dirpath``, its sub-folders and
+    ``folders`` (those holding the images): adding, removing or renaming an image changes the
+    modification time of the folder that holds it."""
+    root = os.path.abspath(dirpath)
+    names = {root, *(os.path.abspath(f) for f in folders)}
+    with os.scandir(root) as it:
+        names.update(e.path for e in it if e.is_dir())
+    h = hashlib.sha1()
+    for name in sorted(names):
+        try:
+            stamp = os.stat(name).st_mtime_ns
+        except OSError:
+            stamp = -1
+        h.update(f"{os.path.relpath(name, root)}\0{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def _cached_folder(path: str, dirpath: str) -> dict | None:
+    """The cached file list of ``dirpath`` if it still describes the folder, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        samples = state["samples"]
+        if state.get("root") != os.path.abspath(dirpath) or state.get("fingerprint") != \
+                folder_fingerprint(dirpath, {os.path.dirname(p) for p, _ in samples}):
+            raise ValueError("stale")
+        return state
+    except Exception:  # noqa: BLE001 - an old, stale or unreadable cache is rebuilt
+        print(f"the cached file list {path} does not match {dirpath} (any more); scanning "
+              "the folder again")
+        return None
+
+
 def image_folder(dirpath: str, transform, cache: bool, write_cache: bool = True):
     """``ImageFolder(dirpath)``; with ``cache`` its file list is kept in
-    ``~/.torch/vision/datasets/imagefolder/<sha1(dirpath)[:10]>.pt`` (plain lists, no pickled
-    objects) and reused by later runs."""
+    :func:`cache_path` (plain lists, no pickled objects) together with the folder's
+    :func:`folder_fingerprint`, and reused by later runs while the folder is unchanged."""
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(dirpath):
@@ -144,8 +245,8 @@ def image_folder(dirpath: str, transform, cache: bool, write_cache: bool = True)
             f"{IMAGENET_URL} there, one sub-folder per class"
         )
     path = cache_path(dirpath)
-    if cache and os.path.isfile(path):
-        state = torch.load(path, weights_only=True)
+    state = _cached_folder(path, dirpath) if cache else None
+    if state is not None:
         from torchvision.datasets.folder import default_loader
         from torchvision.datasets.vision import VisionDataset
 
@@ -157,10 +258,16 @@ def image_folder(dirpath: str, transform, cache: bool, write_cache: bool = True)
         ds.samples = [(p, int(y)) for p, y in state["samples"]]
         ds.imgs, ds.targets = ds.samples, [y for _, y in ds.samples]
         return ds
-    ds = ImageFolder(dirpath, transform)
+    try:
+        ds = ImageFolder(os.path.abspath(dirpath) if cache else dirpath, transform)
+    except (FileNotFoundError, OSError) as exc:
+        raise DatasetMissing(f"ImageNet folder {dirpath}: {_first_line(exc)}") from None
     if cache and write_cache:
         from cbp.checkpoint import save_atomic
 
-        save_atomic({"classes": ds.classes, "class_to_idx": ds.class_to_idx,
+        save_atomic({"root": os.path.abspath(dirpath),
+                     "fingerprint": folder_fingerprint(dirpath, {os.path.dirname(p)
+                                                                 for p, _ in ds.samples}),
+                     "classes": ds.classes, "class_to_idx": ds.class_to_idx,
                      "samples": [[p, y] for p, y in ds.samples]}, path)
     return ds

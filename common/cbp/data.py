@@ -9,13 +9,15 @@ standardised with the training-set mean/std; the train/test split is stratified 
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import DatasetMissing
+from .errors import DatasetDamaged, DatasetMissing
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
@@ -64,20 +66,74 @@ def digits(train: bool, size: int = 32, channels: int = 3, normalize: bool = Tru
     return TensorDataset(xtr, ytr) if train else TensorDataset(xte, yte)
 
 
+def verify_files(folder: str, expected: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """``(missing, damaged)``: the paths of the ``(file name, MD5)`` pairs in ``folder`` that
+    are not there, and those whose MD5 differs (torchvision's ``check_integrity``)."""
+    from torchvision.datasets.utils import check_integrity
+
+    missing, damaged = [], []
+    for name, md5 in expected:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            missing.append(path)
+        elif not check_integrity(path, md5):
+            damaged.append(path)
+    return missing, damaged
+
+
+def damaged_error(damaged: list[str], fix: str) -> DatasetDamaged:
+    """One line naming the damaged files (left in place) and ``fix``."""
+    names = ", ".join(damaged[:3]) + (f" (+{len(damaged) - 3} more)" if len(damaged) > 3 else "")
+    return DatasetDamaged(f"{names} {'is' if len(damaged) == 1 else 'are'} damaged (MD5 differs "
+                          f"from the published sum; nothing was changed): {fix}")
+
+
+def cifar_files(name: str) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
+    """(folder, [(file, MD5)], (archive, MD5)) of torchvision's CIFAR10 / CIFAR100 class: the
+    published sums torchvision itself checks."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name)
+    files = [(f, m) for f, m in [*cls.train_list, *cls.test_list]]
+    files.append((cls.meta["filename"], cls.meta["md5"]))
+    return cls.base_folder, files, (cls.filename, cls.tgz_md5)
+
+
 def cifar(
     name: str, root: str, train: bool, transform: Any = None, download: bool = False
 ) -> Dataset:
-    """torchvision CIFAR10/CIFAR100 from ``root``; ``DatasetMissing`` if it is not there."""
+    """torchvision CIFAR10/CIFAR100 from ``root``, every file checked against its published
+    MD5 first: ``DatasetMissing`` when it (or a part) is not there, ``DatasetDamaged`` naming a
+    damaged file (left as it is, also with ``download``).  ``download``: torchvision fetches
+    and extracts what is missing, using the archive already in ``root`` when it verifies."""
     import torchvision
 
     if name not in CIFAR_URLS:
         raise ValueError(f"unknown CIFAR dataset {name!r}")
+    url, _ = CIFAR_URLS[name]
+    folder, files, (archive, archive_md5) = cifar_files(name)
+    path = os.path.join(root, folder)
+    missing, damaged = verify_files(path, files)
+    if download:
+        _, bad_archive = verify_files(root, [(archive, archive_md5)])
+        damaged += bad_archive if missing else []
+    if damaged:
+        raise damaged_error(damaged, f"delete {'it' if len(damaged) == 1 else 'them'} and "
+                            f"extract {url} into {root} again (or pass --download)")
+    if missing and not download:
+        if not os.path.isdir(path):
+            raise DatasetMissing(
+                f"{name} not found in {os.path.abspath(root)}: download {url} and extract it "
+                f"there so that {path}/ exists (or pass --download)"
+            )
+        raise DatasetMissing(
+            f"{name} in {path} is incomplete: {', '.join(os.path.basename(m) for m in missing)} "
+            f"missing; extract {url} into {root} again (or pass --download)"
+        )
     cls = getattr(torchvision.datasets, name)
     try:
         return cls(root=root, train=train, transform=transform, download=download)
-    except RuntimeError:
-        url, folder = CIFAR_URLS[name]
-        raise DatasetMissing(
-            f"{name} not found in {os.path.abspath(root)}: download {url} and extract it "
-            f"there so that {os.path.join(root, folder)}/ exists (or pass --download)"
-        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # offline, a bad download ...
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        what = "could not download" if missing else "could not read"
+        raise DatasetMissing(f"{what} {name} in {os.path.abspath(root)}: {line}") from None

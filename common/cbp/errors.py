@@ -20,6 +20,10 @@ class DatasetMissing(UserError):
     """A dataset is not on disk (the message says what to put where)."""
 
 
+class DatasetDamaged(UserError):
+    """A dataset file's MD5 differs from the published one (the message names the file)."""
+
+
 class WriteError(UserError):
     """A file could not be written (disk full, read-only folder, ...): one line, the path."""
 
@@ -44,5 +48,5 @@ class NIRExportError(UserError, ValueError):
     """A network (or one of its layers) that cannot be written as NIR; one line naming it."""
 
 
-__all__ = ["CheckpointError", "ConvertError", "DatasetMissing", "Diverged", "LockedError",
+__all__ = ["CheckpointError", "ConvertError", "DatasetDamaged", "DatasetMissing", "Diverged", "LockedError",
            "NIRExportError", "RankError", "UserError", "WriteError"]

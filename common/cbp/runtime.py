@@ -24,22 +24,31 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run ``main()``; user-fixable errors become one line on stderr and exit status 1."""
+    """Run ``main()``; user-fixable errors become one line on stderr and exit status 1.  The
+    process group (under torch.distributed) is left on every way out, success included."""
     try:
         main()
     except UserError as exc:
-        _leave_process_group()
+        _leave_process_group(ok=False)
         if getattr(exc, "reported", False):  # already printed by every rank (distributed)
             raise SystemExit(1) from None
         fail(str(exc))
     except KeyboardInterrupt:
+        _leave_process_group(ok=False)
         fail("interrupted", 130)
+    except BaseException:
+        _leave_process_group(ok=False)
+        raise
+    _leave_process_group(ok=True)
 
 
-def _leave_process_group() -> None:
-    """Destroy the default process group (if any) before exiting on an error."""
+def _leave_process_group(ok: bool) -> None:
+    """Destroy the default process group (if any).  After a success every rank first waits
+    for the others, so that no rank tears its connections down while a peer still uses them."""
     try:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if ok:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
