@@ -15,8 +15,9 @@ calibration pipeline converts a trained ANN to an SNN before CBP, so its fp32 co
 calibrated SNN.  Jobs run ``--jobs`` at a time with the cores split between them; a finished
 job's result (``<out>/<pipeline>/seed<k>/<mode>[_<method>].json``) is reused unless ``--force``.
 Writes ``<out>/mini_replication.md`` and ``<out>/mini_replication.png``; with ``--readme``
-also the table into ``docs/mini_replication.md`` (between the ``<!-- mini:start -->`` /
-``<!-- mini:end -->`` markers) and the figure to ``docs/mini_replication.png``.
+also the tables into ``docs/mini_replication.md`` (CBP between the ``<!-- mini:start -->`` /
+``<!-- mini:end -->`` markers, the baselines between ``<!-- baselines:start -->`` /
+``<!-- baselines:end -->``) and the figure to ``docs/mini_replication.png``.
 """
 
 from __future__ import annotations
@@ -345,8 +346,7 @@ def markdown(results: dict, seconds: float, jobs: int) -> str:
                  f"energy estimate (0.9 pJ per accumulate, 4.6 pJ per multiply-accumulate of "
                  f"an analog input; 45 nm) are per test sample, from each quantized network's "
                  f"evaluation (mean over seeds).")
-    extra = baselines(results)
-    return "\n".join(lines) + "\n" + (f"\n{extra}" if extra else "")
+    return "\n".join(lines) + "\n"
 
 
 def figure(results: dict, path: str) -> bool:
@@ -386,6 +386,7 @@ def figure(results: dict, path: str) -> bool:
 
 DOC = os.path.join(ROOT, "docs", "mini_replication.md")
 START, END = "<!-- mini:start -->", "<!-- mini:end -->"
+BASE_START, BASE_END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,12 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(wall) as f:
         timing = json.load(f)  # the wall time of the call that last ran something
     text = markdown(results, timing["seconds"], timing["jobs"])
+    extra = baselines(results)
     with open(os.path.join(out, "mini_replication.md"), "w") as f:
-        f.write(text)
+        f.write(text + (f"\n{extra}" if extra else ""))
     png = os.path.join(out, "mini_replication.png")
     drawn = figure(results, png)
     print()
     print(text)
+    if extra:
+        print(extra)
     if drawn:
         print(f"figure: {png}")
     if args.readme:
@@ -432,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             figure(results, os.path.join(os.path.dirname(DOC), fig))
         replace_block(DOC, START, END,
                       text + (f"\n![accuracy vs bits per weight]({fig})\n" if drawn else ""))
+        if extra:
+            replace_block(DOC, BASE_START, BASE_END, extra)
     failed = any(r is None for per_seed in results.values() for runs in per_seed.values()
                  for r in runs.values())
     return 1 if failed else 0

@@ -121,8 +121,8 @@ def test_baselines_run_with_the_method_flag_and_get_their_table(tmp_path, monkey
     assert json.loads((seed0 / "bin_ptq.json").read_text())["acc"] == 80.0
     assert "--method ste" in (seed0 / "bin_ste.log").read_text()
     assert "--method" not in (seed0 / "bin.log").read_text()
-    text = mr.markdown(res, 60.0, 2)
-    rows = [ln for ln in text.splitlines() if ln.startswith("| STBP | 2 |")]
+    assert "PTQ" not in mr.markdown(res, 60.0, 2)  # the first table is CBP's
+    rows = [ln for ln in mr.baselines(res).splitlines() if ln.startswith("| STBP | 2 |")]
     assert rows == ["| STBP | 2 | bin | 80.00 ± 0.00 | 89.00 ± 0.00 | 90.00 ± 0.00 | "
                     "0.0900 ± 0.0000 / 0.0500 ± 0.0000 / 0.0123 ± 0.0000 |",
                     "| STBP | 2 | ter | 81.50 ± 0.00 | 90.50 ± 0.00 | 91.50 ± 0.00 | "
@@ -165,6 +165,7 @@ def test_doc_has_the_block_and_the_figure():
     assert Path(mr.DOC).resolve() == ROOT / "docs" / "mini_replication.md"
     text = (ROOT / "docs" / "mini_replication.md").read_text()
     assert text.count(mr.START) == 1 and text.count(mr.END) == 1
+    assert text.count(mr.BASE_START) == 1 and text.count(mr.BASE_END) == 1
     block = text.split(mr.START, 1)[1].split(mr.END, 1)[0]
     assert "](mini_replication.png)" in block
     assert (ROOT / "docs" / "mini_replication.png").is_file()
@@ -176,13 +177,15 @@ def test_readme_flag_writes_the_doc_page_and_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake_pipeline(tmp_path)})
     doc = tmp_path / "docs" / "mini_replication.md"
     doc.parent.mkdir()
-    doc.write_text(f"# Mini\n\n{mr.START}\nold\n{mr.END}\n\nafter\n")
+    doc.write_text(f"# Mini\n\n{mr.START}\nold\n{mr.END}\n\nafter\n"
+                   f"{mr.BASE_START}\nold\n{mr.BASE_END}\n")
     monkeypatch.setattr(mr, "DOC", str(doc))
     assert mr.main(["--pipelines", "STBP", "--seeds", "0", "--jobs", "2",
                     "--out", str(tmp_path / "out"), "--readme"]) == 0
     text = doc.read_text()
-    assert text.startswith(f"# Mini\n\n{mr.START}\n| pipeline |") and text.endswith(
-        f"![accuracy vs bits per weight](mini_replication.png)\n{mr.END}\n\nafter\n")
+    assert text.startswith(f"# Mini\n\n{mr.START}\n| pipeline |")
+    assert f"![accuracy vs bits per weight](mini_replication.png)\n{mr.END}\n\nafter\n" \
+        f"{mr.BASE_START}\n| pipeline | seeds | mode | PTQ | STE | CBP |" in text
     assert "| STBP | fake net |" in text and "old" not in text
     assert (doc.parent / "mini_replication.png").read_bytes()[:4] == b"\x89PNG"
 
