@@ -197,8 +197,8 @@ def loaders(net_cfg, workers: int | None, download: bool) -> tuple[DataLoader, D
         test_tf = T.Compose([T.ToTensor(), norm])
         if download:
             os.makedirs(root, exist_ok=True)
-        train_ds = cbp_data.cifar("CIFAR10", root, True, train_tf, download)
-        test_ds = cbp_data.cifar("CIFAR10", root, False, test_tf, download)
+        train_ds = cbp_data.cifar("CIFAR10", root, True, train_tf, download, "-download")
+        test_ds = cbp_data.cifar("CIFAR10", root, False, test_tf, download, "-download")
         workers = 8 if workers is None else workers
     train_dl = DataLoader(train_ds, batch_size=bs, shuffle=True, num_workers=workers)
     test_dl = DataLoader(test_ds, batch_size=bs, shuffle=False, num_workers=workers)

@@ -159,8 +159,10 @@ def test_cifar_pickles_checked_before_torchvision(cifar, tmp_path):
     train = cbp_data.cifar(name, str(root), True)
     assert len(train) == (20 if name == "CIFAR10" else 4) and len(cbp_data.cifar(name, str(root),
                                                                                False)) == 4
-    with pytest.raises(DatasetMissing, match=f"{name} not found in .*nowhere"):
+    with pytest.raises(DatasetMissing, match=f"{name} not found in .*nowhere.*pass --download"):
         cbp_data.cifar(name, str(tmp_path / "nowhere"), True)
+    with pytest.raises(DatasetMissing, match=r"\(or pass -download\)$"):  # TSSL-BP's spelling
+        cbp_data.cifar(name, str(tmp_path / "nowhere"), True, download_flag="-download")
 
     victim = folder / attrs["test_list"][0][0]
     rawdata.damage(victim)

@@ -100,12 +100,14 @@ def cifar_files(name: str) -> tuple[str, list[tuple[str, str]], tuple[str, str]]
 
 
 def cifar(
-    name: str, root: str, train: bool, transform: Any = None, download: bool = False
+    name: str, root: str, train: bool, transform: Any = None, download: bool = False,
+    download_flag: str = "--download",
 ) -> Dataset:
     """torchvision CIFAR10/CIFAR100 from ``root``, every file checked against its published
     MD5 first: ``DatasetMissing`` when it (or a part) is not there, ``DatasetDamaged`` naming a
     damaged file (left as it is, also with ``download``).  ``download``: torchvision fetches
-    and extracts what is missing, using the archive already in ``root`` when it verifies."""
+    and extracts what is missing, using the archive already in ``root`` when it verifies
+    (``download_flag``: how the script spells the flag, for the messages)."""
     import torchvision
 
     if name not in CIFAR_URLS:
@@ -119,16 +121,16 @@ def cifar(
         damaged += bad_archive if missing else []
     if damaged:
         raise damaged_error(damaged, f"delete {'it' if len(damaged) == 1 else 'them'} and "
-                            f"extract {url} into {root} again (or pass --download)")
+                            f"extract {url} into {root} again (or pass {download_flag})")
     if missing and not download:
         if not os.path.isdir(path):
             raise DatasetMissing(
                 f"{name} not found in {os.path.abspath(root)}: download {url} and extract it "
-                f"there so that {path}/ exists (or pass --download)"
+                f"there so that {path}/ exists (or pass {download_flag})"
             )
         raise DatasetMissing(
             f"{name} in {path} is incomplete: {', '.join(os.path.basename(m) for m in missing)} "
-            f"missing; extract {url} into {root} again (or pass --download)"
+            f"missing; extract {url} into {root} again (or pass {download_flag})"
         )
     cls = getattr(torchvision.datasets, name)
     try:
