@@ -10,6 +10,7 @@ Repetitions alternate between the two, and the medians are compared.
     python benchmarks/bench_stbp_step.py                      # paper width, batch 4, T 4, CPU
     python benchmarks/bench_stbp_step.py --device cuda --batch 50 --T 8
     python benchmarks/bench_stbp_step.py --profile            # also print our step's top ops
+    python benchmarks/bench_stbp_step.py --channels-last      # ours in channels_last format
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ sys.path.insert(0, HERE)
 import baseline  # noqa: E402
 
 
-def build(width: float, T: int, mode: str, device: torch.device):
-    """(our step, the reference-style step): two copies of one quantized network."""
+def build(width: float, T: int, mode: str, device: torch.device, channels_last: bool = False):
+    """(our step, the reference-style step): two copies of one quantized network (ours in
+    ``channels_last`` memory format when asked)."""
     import engine
     from q_model import Q_Conv_SNN
 
@@ -46,6 +48,8 @@ def build(width: float, T: int, mode: str, device: torch.device):
         for lam in ctl.lambdas:
             lam.uniform_(0.0, 1e-3)
     ref = copy.deepcopy(ours)
+    if channels_last:
+        ours.to(memory_format=torch.channels_last)
     lambdas = [lam.detach().clone() for lam in ctl.lambdas]
     groups = cbp.param_groups(ours)
     opt = torch.optim.SGD([{"params": v} for v in groups.values()], lr=5e-3, momentum=0.9)
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--profile", action="store_true", help="print our step's top operators")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run our network and its input in channels_last memory format")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda requested but CUDA is not available")
@@ -103,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
                f"threads, torch {torch.__version__}")
     if device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
-    step_ours, step_ref = build(args.width, args.T, args.mode, device)
+    step_ours, step_ref = build(args.width, args.T, args.mode, device, args.channels_last)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     base, ours = measure(step_ours, step_ref, x, y, args.repeat, sync)
     if args.profile:
         from torch.profiler import profile

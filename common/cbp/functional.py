@@ -106,7 +106,7 @@ def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor | None, mask:
         slope.copy_(torch.tensor(table, dtype=slope.dtype, device=slope.device)[region])
 
 
-FUSED_MIN_NUMEL = 1 << 20
+FUSED_MIN_NUMEL = 1 << 19
 _fused_state: dict = {"fn": None, "failed": False}
 
 
