@@ -94,12 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--profile", action="store_true", help="print our step's top operators")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's default)")
     p.add_argument("--channels-last", action="store_true",
                    help="run our network and its input in channels_last memory format")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda requested but CUDA is not available")
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def sync() -> None:
         if device.type == "cuda":
