@@ -391,12 +391,14 @@ def test_constraint_sum_hand_value():
 # --------------------------------------------------------------------------- fused kernel
 
 
-def _lagrangian_with(flag: str, w, lam, scale, mode, ucs, monkeypatch):
+def _lagrangian_with(flag: str, w, lam, scale, mode, ucs, monkeypatch, lam_grad=False):
+    """(value, weight gradient[, lambda gradient]) with CBP_FUSED=flag."""
     monkeypatch.setenv("CBP_FUSED", flag)
     wr = w.clone().requires_grad_()
-    value = cbp.lagrangian(wr, lam, scale, mode, ucs)
+    lr = lam.clone().requires_grad_(lam_grad)
+    value = cbp.lagrangian(wr, lr, scale, mode, ucs)
     value.backward()
-    return value.detach(), wr.grad
+    return (value.detach(), wr.grad) + ((lr.grad,) if lam_grad else ())
 
 
 def _edge_weights(mode, ucs, scale, n, seed):
@@ -446,10 +448,11 @@ def test_fused_kernel_is_used_only_where_wanted(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["bin", "ter"])
 def test_fused_kernel_is_bit_identical(mode, monkeypatch):
-    """The compiled kernel gives the chunked operations' sum(lam * Y) and lam * Y' bit for
-    bit, weights on every window edge included."""
+    """The compiled kernel gives the chunked operations' sum(lam * Y), lam * Y' and (when
+    lambda takes a gradient) Y bit for bit, weights on every window edge included."""
     for i, ucs in enumerate([0.0, 0.5, 2 / 3, 0.9, 0.95, 1.0]):
         w, lam = _edge_weights(mode, ucs, 0.01, 30_000, i)
-        want = _lagrangian_with("0", w, lam, 0.01, mode, ucs, monkeypatch)
-        got = _lagrangian_with("1", w, lam, 0.01, mode, ucs, monkeypatch)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), ucs
+        for lam_grad in (False, True):
+            want = _lagrangian_with("0", w, lam, 0.01, mode, ucs, monkeypatch, lam_grad)
+            got = _lagrangian_with("1", w, lam, 0.01, mode, ucs, monkeypatch, lam_grad)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (ucs, lam_grad)
