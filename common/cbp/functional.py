@@ -110,12 +110,14 @@ FUSED_MIN_NUMEL = 1 << 19
 _fused_state: dict = {"fn": None, "failed": False}
 
 
-def _fused_wanted(n: int, device: torch.device, lookup) -> bool:
-    """Whether a weight of ``n`` elements goes through the compiled kernel."""
+def _fused_wanted(n: int, device: torch.device, lookup, fused: bool | None = None) -> bool:
+    """Whether a weight of ``n`` elements goes through the compiled kernel (``fused``: the
+    caller's choice, None for the size rule; ``CBP_FUSED`` overrides both)."""
     flag = os.environ.get("CBP_FUSED", "auto").strip().lower()
     if flag in ("0", "off", "false", "no") or lookup is not None or _fused_state["failed"]:
         return False
-    if flag not in ("1", "on", "true", "yes") and n < FUSED_MIN_NUMEL:
+    if flag not in ("1", "on", "true", "yes") and not fused and (
+            fused is False or n < FUSED_MIN_NUMEL):
         return False
     if device.type == "cpu":
         return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
@@ -185,6 +187,7 @@ def _evaluate(
     want_y: bool,
     want_grad: bool,
     want_sum: bool,
+    fused: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Return (Y, dY/dw * lam-or-1, sum(lam * Y)) for a weight tensor; each only if wanted.
 
@@ -194,7 +197,7 @@ def _evaluate(
     wf = w.detach().reshape(-1)
     lf = lam.detach().reshape(-1) if lam is not None else None
     n = wf.numel()
-    if want_grad and want_sum and _fused_wanted(n, w.device, plan[1]):
+    if want_grad and want_sum and _fused_wanted(n, w.device, plan[1], fused):
         fused = _evaluate_fused(wf, lf, plan, want_y, want_grad, want_sum)
         if fused is not None:
             y, g, total = fused
@@ -261,9 +264,10 @@ class _Constraint(torch.autograd.Function):
 
 class _Lagrangian(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight: Tensor, lam: Tensor, mode: str, scale: float, ucs: float) -> Tensor:
+    def forward(ctx, weight: Tensor, lam: Tensor, mode: str, scale: float, ucs: float,
+                fused: bool | None) -> Tensor:
         need_w, need_l = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        y, g, total = _evaluate(weight, lam, mode, scale, ucs, need_l, need_w, True)
+        y, g, total = _evaluate(weight, lam, mode, scale, ucs, need_l, need_w, True, fused)
         ctx.save_for_backward(g, y)
         return total
 
@@ -272,7 +276,7 @@ class _Lagrangian(torch.autograd.Function):
         g, y = ctx.saved_tensors
         gw = g * grad if ctx.needs_input_grad[0] else None
         gl = y * grad if ctx.needs_input_grad[1] else None
-        return gw, gl, None, None, None
+        return gw, gl, None, None, None, None
 
 
 def constraint(weight: Tensor, scale: Tensor | float, mode: str, ucs: float) -> Tensor:
@@ -285,13 +289,16 @@ def constraint(weight: Tensor, scale: Tensor | float, mode: str, ucs: float) -> 
 
 
 def lagrangian(
-    weight: Tensor, lam: Tensor, scale: Tensor | float, mode: str, ucs: float
+    weight: Tensor, lam: Tensor, scale: Tensor | float, mode: str, ucs: float,
+    fused: bool | None = None,
 ) -> Tensor:
     """Scalar sum(lam * Y(weight; ucs)) computed in one fused pass.
 
     Gradient to ``weight`` is lam * Y'(w) and to ``lam`` is Y(w) (each only when required).
+    ``fused``: take the compiled kernel (True), never (False), or from
+    ``FUSED_MIN_NUMEL`` elements on (None); the values are the same.
     """
-    return _Lagrangian.apply(weight, lam, mode, _scalar(scale), float(ucs))
+    return _Lagrangian.apply(weight, lam, mode, _scalar(scale), float(ucs), fused)
 
 
 def constraint_sum(weight: Tensor, scale: Tensor | float, mode: str, ucs: float = 1.0) -> Tensor:
