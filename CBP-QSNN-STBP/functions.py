@@ -44,3 +44,21 @@ def mem_update(decay: float, thresh: float, lens: float, ops, x, mem, spike, fir
     mem = mem * decay * (1.0 - spike) + current
     spike = fire(mem, thresh, lens)
     return mem, spike
+
+
+def lif_steps(decay: float, thresh: float, lens: float, current: Tensor, steps: int,
+              fire=act_fun, shared: bool = False) -> Tensor:
+    """The LIF recurrence of one layer over ``steps`` timesteps, multi-step layout.
+
+    ``current`` holds the layer's input current of every step, steps stacked along dim 0
+    (``steps * batch`` samples, step-major), or, with ``shared``, one ``batch`` of currents
+    used at every step.  Returns the spikes in the same step-major ``steps * batch`` layout.
+    Each step is ``mem_update``, so every value equals the time-major loop's.
+    """
+    per_step = (current,) * steps if shared else current.chunk(steps)
+    mem, spike = 0.0, 0.0
+    out = []
+    for cur in per_step:
+        mem, spike = mem_update(decay, thresh, lens, cur, None, mem, spike, fire)
+        out.append(spike)
+    return torch.cat(out) if steps > 1 else out[0]

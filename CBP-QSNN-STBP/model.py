@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from functions import Spike, mem_update
+from functions import Spike, lif_steps
 
 # (attribute, out_channels at width 1, stride) of the convolutional stack
 CONV_SPEC = (
@@ -93,25 +93,22 @@ class Conv_SNN(nn.Module):  # noqa: N801 - reference name (checkpoint compatibil
         self.spike = nn.ModuleDict({name: Spike() for name in LAYER_NAMES})
 
     def forward(self, input: Tensor) -> Tensor:
-        d, th, ln = self.decay, self.thresh, self.lens
+        """Output spike rate (batch, outs), computed layer by layer: each layer runs once
+        over all T steps' inputs (T * batch samples), then its LIF recurrence steps through
+        time.  Per sample and step this is the reference's time-major update."""
+        d, th, ln, T = self.decay, self.thresh, self.lens, self.T
         n = input.shape[0]
-        c1_in = self.conv1(input)  # the analog input is identical at every step
-        mems = [0.0] * 10
-        spikes = [0.0] * 10
-        sumspike = None
-        layers = [self.pool1, self.conv2, self.pool2, self.conv3, self.conv4, self.pool3]
         fire = [self.spike[name] for name in LAYER_NAMES]
-        for _ in range(self.T):
-            mems[0], spikes[0] = mem_update(d, th, ln, c1_in, None, mems[0], spikes[0], fire[0])
-            x = spikes[0]
-            for i, layer in enumerate(layers, start=1):
-                mems[i], spikes[i] = mem_update(d, th, ln, layer, x, mems[i], spikes[i],
-                                                fire[i])
-                x = spikes[i]
-            x = x.reshape(n, -1)
-            for i, layer in enumerate((self.fc1, self.fc2, self.fc3), start=7):
-                mems[i], spikes[i] = mem_update(d, th, ln, layer, x, mems[i], spikes[i],
-                                                fire[i])
-                x = spikes[i]
-            sumspike = x if sumspike is None else sumspike + x
-        return sumspike / self.T
+        # the analog input is identical at every step: its current is computed once
+        x = lif_steps(d, th, ln, self.conv1(input), T, fire[0], shared=True)
+        layers = [self.pool1, self.conv2, self.pool2, self.conv3, self.conv4, self.pool3]
+        for i, layer in enumerate(layers, start=1):
+            x = lif_steps(d, th, ln, layer(x), T, fire[i])
+        x = x.reshape(T * n, -1)
+        for i, layer in enumerate((self.fc1, self.fc2), start=7):
+            x = lif_steps(d, th, ln, layer(x), T, fire[i])
+        steps = lif_steps(d, th, ln, self.fc3(x), T, fire[9]).unflatten(0, (T, n))
+        sumspike = steps[0]
+        for t in range(1, T):  # summed step by step, as the time-major loop does
+            sumspike = sumspike + steps[t]
+        return sumspike / T

@@ -386,3 +386,73 @@ def test_constraint_sum(mode):
 def test_constraint_sum_hand_value():
     w = torch.tensor([0.125, -0.375, 0.75, 0.25])  # ter, s=0.5, ucs=1: 0.25 + 0.25 + 0.5 + 0.5
     assert cbp.constraint_sum(w, 0.5, "ter") == 1.5
+
+
+# --------------------------------------------------------------------------- fused kernel
+
+
+def _lagrangian_with(flag: str, w, lam, scale, mode, ucs, monkeypatch, lam_grad=False):
+    """(value, weight gradient[, lambda gradient]) with CBP_FUSED=flag."""
+    monkeypatch.setenv("CBP_FUSED", flag)
+    wr = w.clone().requires_grad_()
+    lr = lam.clone().requires_grad_(lam_grad)
+    value = cbp.lagrangian(wr, lr, scale, mode, ucs)
+    value.backward()
+    return (value.detach(), wr.grad) + ((lr.grad,) if lam_grad else ())
+
+
+def _edge_weights(mode, ucs, scale, n, seed):
+    """Random weights plus every slope edge and the float just below it."""
+    from cbp.functional import _plan
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * scale
+    e = torch.tensor([v for v, _ in _plan(mode, scale, ucs, torch.float32)[0]])
+    w[: len(e)] = e
+    w[len(e): 2 * len(e)] = torch.nextafter(e, torch.full_like(e, -1.0))
+    return w, torch.rand(n, generator=g) * 1e-3
+
+
+def test_fused_kernel_falls_back_when_it_cannot_be_built(monkeypatch):
+    """A kernel that fails to build warns once and leaves the chunked operations' values."""
+    from cbp import functional
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    w, lam = _edge_weights("ter", 0.5, 0.01, 4000, 0)
+    want = _lagrangian_with("0", w, lam, 0.01, "ter", 0.5, monkeypatch)
+    monkeypatch.setitem(functional._fused_state, "fn", broken)
+    monkeypatch.setitem(functional._fused_state, "failed", False)
+    with pytest.warns(RuntimeWarning, match="fused constraint kernel unavailable"):
+        got = _lagrangian_with("1", w, lam, 0.01, "ter", 0.5, monkeypatch)
+    assert functional._fused_state["failed"]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_fused_kernel_is_used_only_where_wanted(monkeypatch):
+    from cbp import functional
+
+    monkeypatch.setitem(functional._fused_state, "failed", False)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CBP_FUSED", "0")
+    assert not functional._fused_wanted(1 << 24, cpu, None)
+    monkeypatch.setenv("CBP_FUSED", "auto")
+    assert not functional._fused_wanted(functional.FUSED_MIN_NUMEL - 1, cpu, None)
+    assert not functional._fused_wanted(1 << 24, cpu, ((0.0,), (1.0,)))  # rounded slopes
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", "")
+    assert not functional._fused_wanted(1 << 24, cpu, None)  # no compiler on this machine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bin", "ter"])
+def test_fused_kernel_is_bit_identical(mode, monkeypatch):
+    """The compiled kernel gives the chunked operations' sum(lam * Y), lam * Y' and (when
+    lambda takes a gradient) Y bit for bit, weights on every window edge included."""
+    for i, ucs in enumerate([0.0, 0.5, 2 / 3, 0.9, 0.95, 1.0]):
+        w, lam = _edge_weights(mode, ucs, 0.01, 30_000, i)
+        for lam_grad in (False, True):
+            want = _lagrangian_with("0", w, lam, 0.01, mode, ucs, monkeypatch, lam_grad)
+            got = _lagrangian_with("1", w, lam, 0.01, mode, ucs, monkeypatch, lam_grad)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (ucs, lam_grad)

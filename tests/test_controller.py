@@ -447,3 +447,23 @@ def test_unknown_lambda_optimizer_raises():
 def test_model_without_quantized_layers_raises():
     with pytest.raises(ValueError):
         cbp.CBP(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LR_LAMBDA)
+
+
+def test_penalty_takes_the_fused_kernel_for_a_large_network(monkeypatch):
+    """Past 4 * FUSED_MIN_NUMEL quantized weights every layer asks for the compiled kernel
+    (small layers of a large network included); below, the size rule decides per layer."""
+    from cbp import controller as C
+
+    seen = []
+
+    def record(w, lam, s, mode, ucs, fused=None):
+        seen.append((w.numel(), fused))
+        return (w * 0).sum()
+
+    monkeypatch.setattr(C, "lagrangian", record)
+    n = 4 * C.FUSED_MIN_NUMEL
+    big = torch.nn.Sequential(cbp.QLinear(n // 1024, 1024, mode="bin"), cbp.QLinear(4, 4))
+    C.CBP(big, 1e-3).penalty()
+    small = torch.nn.Sequential(cbp.QLinear(n // 1024 - 1, 1024, mode="bin"))
+    C.CBP(small, 1e-3).penalty()
+    assert seen == [(n, True), (16, True), (n - 1024, None)]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check in one call: every `gpu`-marked test plus the GPU benchmarks (TSSL-BP neuron at the
 # CIFAR-10 conv shapes: CuPy vs torch backend vs the reference-style loop; the CBP constraint
-# and an STBP step on the GPU; a SEW-ResNet step with and without AMP), then a short report.
+# and an STBP step on the GPU; the full STBP CBP step at paper width vs a reference-style step;
+# a SEW-ResNet step with and without AMP), then a short report.
 #
 #   tools/gpu_check.sh                 # on a CUDA machine (about 5 minutes on one H100)
 #   tools/gpu_check.sh --require-gpu   # exit 1 when no CUDA device is visible
@@ -115,10 +116,12 @@ elif [ "$GPU" -eq 1 ]; then
     run_bench bench_tsslbp benchmarks/bench_tsslbp.py --device cuda --conv-shapes --repeat 10
     run_bench bench_tsslbp_cpu benchmarks/bench_tsslbp.py --device cpu --repeat 3
     run_bench bench_cbp benchmarks/bench_cbp.py --device cuda --width 1.0 --repeat 5
+    run_bench bench_stbp_step benchmarks/bench_stbp_step.py --device cuda --batch 50 --T 8 --repeat 5
     run_bench bench_sew benchmarks/bench_sew.py --device cuda --repeat 5
 else
     run_bench bench_tsslbp_cpu benchmarks/bench_tsslbp.py --device cpu --small --repeat 1
     run_bench bench_cbp benchmarks/bench_cbp.py --modes bin --width 0.0625 --batch 4 --repeat 1
+    run_bench bench_stbp_step benchmarks/bench_stbp_step.py --width 0.0625 --repeat 1
     run_bench bench_sew benchmarks/bench_sew.py --device cpu --repeat 1
 fi
 

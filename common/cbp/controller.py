@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as D
-from .functional import constraint_sum, constraint_values, lagrangian
+from .functional import FUSED_MIN_NUMEL, constraint_sum, constraint_values, lagrangian
 from .nn import QuantMixin, quantized_modules
 
 LAGSUM_INIT = 1e10
@@ -180,8 +180,10 @@ class CBP:
     def penalty(self) -> Tensor:
         """sum over layers of sum(lambda * Y(W; ucs)); gradients reach W only."""
         total = None
+        # a network of many quantized weights takes the compiled kernel for every layer
+        fused = True if self.param_size >= 4 * FUSED_MIN_NUMEL else None
         for t, lam, s in zip(self.targets, self.lambdas, self._scales()):
-            term = lagrangian(t.weight, lam.detach(), s, t.mode, self.ucs)
+            term = lagrangian(t.weight, lam.detach(), s, t.mode, self.ucs, fused)
             total = term if total is None else total + term
         return total
 

@@ -8,12 +8,19 @@ exactly these half-open intervals (a right derivative), and the edges are comput
 weight's floating-point type the same way the reference does, so gradients match it bit for bit.
 
 All kernels are single vectorized passes: on CPU the weight is streamed in cache-sized chunks,
-on CUDA each op runs over the whole tensor.
+on CUDA each op runs over the whole tensor.  In training (the Lagrangian's value and weight
+gradient), large weights (``FUSED_MIN_NUMEL`` elements or more) go through one fused kernel
+built by ``torch.compile`` from the same operations in the same order, which gives the same
+values bit for bit in one pass over memory; ``CBP_FUSED=0`` turns it off, ``CBP_FUSED=1`` uses
+it at every size.  If the kernel cannot be built (no compiler), the chunked operations run.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import warnings
 
 import torch
 from torch import Tensor
@@ -99,6 +106,78 @@ def _piece(w: Tensor, plan: tuple, y: Tensor | None, slope: Tensor | None, mask:
         slope.copy_(torch.tensor(table, dtype=slope.dtype, device=slope.device)[region])
 
 
+FUSED_MIN_NUMEL = 1 << 19
+_fused_state: dict = {"fn": None, "failed": False}
+
+
+def _fused_wanted(n: int, device: torch.device, lookup, fused: bool | None = None) -> bool:
+    """Whether a weight of ``n`` elements goes through the compiled kernel (``fused``: the
+    caller's choice, None for the size rule; ``CBP_FUSED`` overrides both)."""
+    flag = os.environ.get("CBP_FUSED", "auto").strip().lower()
+    if flag in ("0", "off", "false", "no") or lookup is not None or _fused_state["failed"]:
+        return False
+    if flag not in ("1", "on", "true", "yes") and not fused and (
+            fused is False or n < FUSED_MIN_NUMEL):
+        return False
+    if device.type == "cpu":
+        return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+    return device.type == "cuda"
+
+
+def _fused_body(w: Tensor, lam: Tensor | None, c: Tensor, edges: Tensor, jumps: tuple,
+                n_tri: int, want_y: bool, want_grad: bool, times_lam: bool):
+    """The ``_piece`` operations on a whole flat tensor (constants as tensors, so one compiled
+    kernel serves every scale and ucs): (Y or lam * Y or None, slope * lam-or-1 or None)."""
+    y = g = None
+    if want_y:
+        y = torch.clamp_min((w - c[0]) * -2.0, 0.0)
+        for k in range(n_tri):
+            lo, hi, d_lo, d_hi, gap, edge = (c[2 + 6 * k + j] for j in range(6))
+            t1 = torch.clamp_min(torch.minimum((w - lo) / d_lo, (w - hi) / d_hi) * gap, 0.0)
+            y = y + t1 * (t1 <= edge).to(w.dtype)
+        y = y + torch.clamp_min((w - c[1]) * 2.0, 0.0)
+        if times_lam:
+            y = y * lam
+    if want_grad:
+        g = torch.full_like(w, -2.0)
+        for k, jump in enumerate(jumps):
+            g = g + (w >= edges[k]).to(w.dtype) * jump
+        if lam is not None:
+            g = g * lam
+    return y, g
+
+
+def _fused_fn():
+    if _fused_state["fn"] is None:
+        _fused_state["fn"] = torch.compile(_fused_body, dynamic=True)
+    return _fused_state["fn"]
+
+
+def _evaluate_fused(wf: Tensor, lf: Tensor | None, plan: tuple, want_y: bool, want_grad: bool,
+                    want_sum: bool):
+    """(Y, grad, sum) as ``_evaluate`` computes them, through the compiled kernel; None when
+    the kernel cannot be built."""
+    slope_edges, _, (q0, qn, triangles) = plan
+    consts = [q0, qn] + [v for tri in triangles for v in tri]
+    c = torch.tensor(consts, dtype=wf.dtype, device=wf.device)
+    edges = torch.tensor([v for v, _ in slope_edges], dtype=wf.dtype, device=wf.device)
+    jumps = tuple(j for _, j in slope_edges)
+    need_y = want_y or want_sum
+    times_lam = want_sum and lf is not None and not want_y
+    try:
+        y, g = _fused_fn()(wf, lf, c, edges, jumps, len(triangles), need_y, want_grad,
+                           times_lam)
+    except Exception as exc:  # no compiler / backend: fall back to the chunked operations
+        _fused_state["failed"] = True
+        warnings.warn(f"cbp: fused constraint kernel unavailable ({type(exc).__name__}); "
+                      "using the chunked operations", RuntimeWarning, stacklevel=3)
+        return None
+    total = None
+    if want_sum:
+        total = y.sum() if lf is None or not want_y else (lf * y).sum()
+    return y if want_y else None, g, total
+
+
 def _evaluate(
     w: Tensor,
     lam: Tensor | None,
@@ -108,6 +187,7 @@ def _evaluate(
     want_y: bool,
     want_grad: bool,
     want_sum: bool,
+    fused: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Return (Y, dY/dw * lam-or-1, sum(lam * Y)) for a weight tensor; each only if wanted.
 
@@ -117,6 +197,12 @@ def _evaluate(
     wf = w.detach().reshape(-1)
     lf = lam.detach().reshape(-1) if lam is not None else None
     n = wf.numel()
+    if want_grad and want_sum and _fused_wanted(n, w.device, plan[1], fused):
+        fused = _evaluate_fused(wf, lf, plan, want_y, want_grad, want_sum)
+        if fused is not None:
+            y, g, total = fused
+            return (y.view(w.shape) if y is not None else None,
+                    g.view(w.shape) if g is not None else None, total)
     need_y = want_y or want_sum
     y_out = torch.empty_like(wf) if need_y else None
     g_out = torch.empty_like(wf) if want_grad else None
@@ -178,9 +264,10 @@ class _Constraint(torch.autograd.Function):
 
 class _Lagrangian(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight: Tensor, lam: Tensor, mode: str, scale: float, ucs: float) -> Tensor:
+    def forward(ctx, weight: Tensor, lam: Tensor, mode: str, scale: float, ucs: float,
+                fused: bool | None) -> Tensor:
         need_w, need_l = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        y, g, total = _evaluate(weight, lam, mode, scale, ucs, need_l, need_w, True)
+        y, g, total = _evaluate(weight, lam, mode, scale, ucs, need_l, need_w, True, fused)
         ctx.save_for_backward(g, y)
         return total
 
@@ -189,7 +276,7 @@ class _Lagrangian(torch.autograd.Function):
         g, y = ctx.saved_tensors
         gw = g * grad if ctx.needs_input_grad[0] else None
         gl = y * grad if ctx.needs_input_grad[1] else None
-        return gw, gl, None, None, None
+        return gw, gl, None, None, None, None
 
 
 def constraint(weight: Tensor, scale: Tensor | float, mode: str, ucs: float) -> Tensor:
@@ -202,13 +289,16 @@ def constraint(weight: Tensor, scale: Tensor | float, mode: str, ucs: float) -> 
 
 
 def lagrangian(
-    weight: Tensor, lam: Tensor, scale: Tensor | float, mode: str, ucs: float
+    weight: Tensor, lam: Tensor, scale: Tensor | float, mode: str, ucs: float,
+    fused: bool | None = None,
 ) -> Tensor:
     """Scalar sum(lam * Y(weight; ucs)) computed in one fused pass.
 
     Gradient to ``weight`` is lam * Y'(w) and to ``lam`` is Y(w) (each only when required).
+    ``fused``: take the compiled kernel (True), never (False), or from
+    ``FUSED_MIN_NUMEL`` elements on (None); the values are the same.
     """
-    return _Lagrangian.apply(weight, lam, mode, _scalar(scale), float(ucs))
+    return _Lagrangian.apply(weight, lam, mode, _scalar(scale), float(ucs), fused)
 
 
 def constraint_sum(weight: Tensor, scale: Tensor | float, mode: str, ucs: float = 1.0) -> Tensor:
