@@ -18,8 +18,8 @@ import argparse
 
 import nir_stbp
 
-from cbp import MODES, nir_export
 from cbp import distributed as D
+from cbp import methods, nir_export
 from cbp.checkpoint import load_into
 from cbp.runtime import run_main, seed_everything
 
@@ -33,12 +33,8 @@ def parse_args(argv=None):
     # the flags of the other two scripts, so that the same command line selects the same
     # network and checkpoint (the training-only ones are accepted and ignored)
     engine.add_common_args(p, lr=5e-3)
-    p.add_argument("--quant", type=str, default="fp32", choices=["fp32", *MODES],
-                   help="fp32 (the pretrained network) or a CBP-quantized one")
-    p.add_argument("--export_nir", type=str, default=None,
-                   help="output file (default ./trained_params/STBP_<dataset>_<quant>.nir)")
-    p.add_argument("--dt", type=engine.positive_float, default=nir_export.DEFAULT_DT,
-                   help="time step in seconds the NIR time constants refer to")
+    methods.add_method_flag(p)
+    nir_export.add_export_flags(p, "./trained_params/STBP_<dataset>_<quant>[_<method>].nir")
     return p.parse_args(argv)
 
 
@@ -50,10 +46,10 @@ def checkpoint(args) -> str:
         engine.require_file(path, "pretrained fp32 checkpoint", f"download it from "
                             f"{engine.DRIVE} or create it with: {engine.fp32_command(args)}")
         return path
-    path = engine.prequantized_path(args.dataset, args.quant)
+    path = methods.tagged(engine.prequantized_path(args.dataset, args.quant), args.method)
     cmd = (f"python main_quantize_cbp.py --dataset {args.dataset} --mode train --decay "
            f"{args.decay} --thresh {args.thresh} --lens {args.lens} --T {args.T} "
-           f"--quant {args.quant}{width}")
+           f"--quant {args.quant}{width}{methods.flag(args.method)}")
     engine.require_file(path, "prequantized checkpoint",
                         f"download it from {engine.DRIVE} or produce it with: {cmd}")
     return path
@@ -63,7 +59,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = engine.setup(args)
     seed_everything(args.seed)
-    out = args.export_nir or f"./trained_params/STBP_{args.dataset}_{args.quant}.nir"
+    out = nir_export.output_path(args, f"./trained_params/STBP_{args.dataset}_{args.quant}.nir")
     path = checkpoint(args)
     with D.collective():
         _, test_dl, outs = engine.loaders(args)

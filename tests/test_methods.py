@@ -120,3 +120,22 @@ def test_convert_users_choose_a_method_too():
     for method, kind in (("cbp", cbp.CBP), ("ste", methods.STE), ("ptq", methods.PTQ)):
         c = methods.controller(method, model, 1e-3)
         assert type(c) is kind and c.method == method and len(c.targets) == 1
+
+
+def test_nir_export_names_the_methods_file():
+    import argparse
+
+    from cbp import nir_export
+
+    p = argparse.ArgumentParser()
+    methods.add_method_flag(p)
+    nir_export.add_export_flags(p, "OUT")
+    a = p.parse_args(["--quant", "ter", "--method", "ste"])
+    assert nir_export.output_path(a, "./t/STBP_X_ter.nir") == "./t/STBP_X_ter_ste.nir"
+    a = p.parse_args(["--method", "ptq"])  # fp32: no method in the name
+    assert nir_export.output_path(a, "./t/STBP_X_fp32.nir") == "./t/STBP_X_fp32.nir"
+    a = p.parse_args(["--quant", "bin", "--export_nir", "mine.nir"])
+    assert nir_export.output_path(a, "x") == "mine.nir" and a.dt == nir_export.DEFAULT_DT
+    single = argparse.ArgumentParser()
+    nir_export.add_export_flags(single, "OUT", "-")
+    assert single.parse_args(["-quant", "bin", "--dt", "0.001"]).dt == 0.001

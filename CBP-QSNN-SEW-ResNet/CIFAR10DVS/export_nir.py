@@ -24,10 +24,10 @@ import main_quantize_cbp as mq  # noqa: E402
 from sewcommon import data, engine  # noqa: E402
 from sewcommon import nir_export as sne  # noqa: E402
 
-from cbp import MODES  # noqa: E402
+from cbp import methods  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
 from cbp.checkpoint import load_into  # noqa: E402
-from cbp.runtime import UserError, positive_float, require_file, run_main  # noqa: E402
+from cbp.runtime import UserError, require_file, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,12 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # and checkpoint (the training-only ones are accepted and ignored)
     p = argparse.ArgumentParser(description="Export the CIFAR10-DVS Wide-7B-Net to NIR",
                                 parents=[mq.build_parser()], conflict_handler="resolve")
-    p.add_argument("-quant", default="fp32", choices=["fp32", *MODES],
-                   help="fp32 (the pretrained network, default) or a CBP-quantized one")
-    p.add_argument("-export_nir", "--export_nir", default=None, metavar="PATH",
-                   help="output file (default ./trained_params/SEW_ResNet_CIFAR10DVS_<quant>.nir)")
-    p.add_argument("-dt", "--dt", type=positive_float, default=ne.DEFAULT_DT,
-                   help="time step in seconds the NIR time constants refer to")
+    ne.add_export_flags(p, "./trained_params/SEW_ResNet_CIFAR10DVS_<quant>[_<method>].nir", "-")
     args = p.parse_args(argv)
     if args.model != "SEWResNet":
         raise UserError("-model must be SEWResNet")
@@ -56,9 +51,9 @@ def checkpoint(args: argparse.Namespace) -> str:
         cmd = (f"python main_train_fp32.py -model SEWResNet -cnf {args.cnf} "
                f"-data_dir {args.data_dir} -T {args.T}")
     else:
-        path = mq.prequantized_path(args.quant)
+        path = mq.prequantized_path(args.quant, args.method)
         cmd = (f"python main_quantize_cbp.py -amp -model SEWResNet -cnf {args.cnf} "
-               f"-data_dir {args.data_dir} -quant {args.quant}")
+               f"-data_dir {args.data_dir} -quant {args.quant}{methods.flag(args.method, '-')}")
     require_file(path, "checkpoint", f"download it from {engine.DRIVE} or create it with: {cmd}")
     return path
 
@@ -68,7 +63,7 @@ def main(argv=None) -> None:
     import q_smodels
     from torch.utils.data import DataLoader
 
-    out = args.export_nir or f"./trained_params/SEW_ResNet_{mq.DATASET}_{args.quant}.nir"
+    out = ne.output_path(args, f"./trained_params/SEW_ResNet_{mq.DATASET}_{args.quant}.nir")
     path = checkpoint(args)
     device = engine.resolve_device(args.device)
     model = q_smodels.SEWResNet(args.cnf, None if args.quant == "fp32" else args.quant,

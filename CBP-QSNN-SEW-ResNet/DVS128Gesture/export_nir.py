@@ -27,10 +27,10 @@ import main_quantize_cbp as mq  # noqa: E402
 from sewcommon import data, engine  # noqa: E402
 from sewcommon import nir_export as sne  # noqa: E402
 
-from cbp import MODES  # noqa: E402
+from cbp import methods  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
 from cbp.checkpoint import load_into  # noqa: E402
-from cbp.runtime import positive_float, require_file, run_main  # noqa: E402
+from cbp.runtime import require_file, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,12 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # and checkpoint (the training-only ones are accepted and ignored)
     p = argparse.ArgumentParser(description="Export the DVS128 Gesture 7B-Net to NIR",
                                 parents=[mq.build_parser()], conflict_handler="resolve")
-    p.add_argument("--quant", default="fp32", choices=["fp32", *MODES],
-                   help="fp32 (the pretrained network, default) or a CBP-quantized one")
-    p.add_argument("--export_nir", default=None, metavar="PATH",
-                   help="output file (default ./trained_params/SEW_ResNet_<dataset>_<quant>.nir)")
-    p.add_argument("--dt", type=positive_float, default=ne.DEFAULT_DT,
-                   help="time step in seconds the NIR time constants refer to")
+    ne.add_export_flags(p, "./trained_params/SEW_ResNet_<dataset>_<quant>[_<method>].nir")
     args = p.parse_args(argv)
     mq.check(args)
     return args
@@ -57,9 +52,9 @@ def checkpoint(args: argparse.Namespace) -> str:
         cmd = (f"python main_train_fp32.py --model {args.model} --connect_f {args.connect_f} "
                f"{src} --T {args.T}")
     else:
-        path = mq.prequantized_path(args.quant, args.dataset)
+        path = mq.prequantized_path(args.quant, args.dataset, args.method)
         cmd = (f"python main_quantize_cbp.py --tb --amp --model {args.model} --connect_f "
-               f"{args.connect_f} {src} --quant {args.quant}")
+               f"{args.connect_f} {src} --quant {args.quant}{methods.flag(args.method)}")
     require_file(path, "checkpoint", f"download it from {engine.DRIVE} or create it with: {cmd}")
     return path
 
@@ -68,7 +63,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import q_smodels
 
-    out = args.export_nir or f"./trained_params/SEW_ResNet_{args.dataset}_{args.quant}.nir"
+    out = ne.output_path(args, f"./trained_params/SEW_ResNet_{args.dataset}_{args.quant}.nir")
     path = checkpoint(args)
     device = engine.resolve_device(args.device)
     mode = None if args.quant == "fp32" else args.quant

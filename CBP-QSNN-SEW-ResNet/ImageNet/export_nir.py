@@ -24,10 +24,10 @@ import main_quantize_cbp as mq  # noqa: E402
 from sewcommon import data, engine  # noqa: E402
 from sewcommon import nir_export as sne  # noqa: E402
 
-from cbp import MODES  # noqa: E402
+from cbp import methods  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
 from cbp.checkpoint import load_into  # noqa: E402
-from cbp.runtime import UserError, positive_float, require_file, run_main  # noqa: E402
+from cbp.runtime import UserError, require_file, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,13 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # and checkpoint (the training-only ones are accepted and ignored)
     p = argparse.ArgumentParser(description="Export an ImageNet SEW-ResNet to NIR",
                                 parents=[mq.build_parser()], conflict_handler="resolve")
-    p.add_argument("--quant", default="fp32", choices=["fp32", *MODES],
-                   help="fp32 (the pretrained network, default) or a CBP-quantized one")
-    p.add_argument("--export_nir", default=None, metavar="PATH",
-                   help="output file (default ./trained_params/SEW_ResNet_<depth>_ImageNet_"
-                        "<quant>.nir)")
-    p.add_argument("--dt", type=positive_float, default=ne.DEFAULT_DT,
-                   help="time step in seconds the NIR time constants refer to")
+    ne.add_export_flags(p, "./trained_params/SEW_ResNet_<depth>_ImageNet_<quant>[_<method>].nir")
     args = p.parse_args(argv)
     if args.connect_f is None:
         raise UserError("--connect_f ADD|AND|IAND is required")
@@ -56,10 +50,10 @@ def checkpoint(args: argparse.Namespace) -> str:
                 f"with: python main_train_fp32.py --model {args.model} --connect_f "
                 f"{args.connect_f} --T {args.T} --data-path {args.data_path}")
     else:
-        path = mq.prequantized_path(args.model, args.quant)
+        path = mq.prequantized_path(args.model, args.quant, args.method)
         hint = (f"download it from {engine.DRIVE} or create it with: python main_quantize_cbp.py "
                 f"--model {args.model} --connect_f {args.connect_f} --T {args.T} --data-path "
-                f"{args.data_path} --quant {args.quant} --tb --amp")
+                f"{args.data_path} --quant {args.quant} --tb --amp{methods.flag(args.method)}")
     require_file(path, "checkpoint", hint)
     return path
 
@@ -70,7 +64,7 @@ def main(argv=None) -> None:
     from torch.utils.data import DataLoader
 
     depth = mq.depth(args.model)
-    out = args.export_nir or f"./trained_params/SEW_ResNet_{depth}_ImageNet_{args.quant}.nir"
+    out = ne.output_path(args, f"./trained_params/SEW_ResNet_{depth}_ImageNet_{args.quant}.nir")
     path = checkpoint(args)
     device = engine.resolve_device(args.device)
     model = getattr(q_sew_resnet, args.model)(

@@ -21,6 +21,7 @@ Each pipeline maps its own network onto these (``CBP-QSNN-STBP/nir_stbp.py``,
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 from collections.abc import Callable, Iterable
@@ -40,6 +41,37 @@ if TYPE_CHECKING:
     from torch import fx
 
 DEFAULT_DT = 1e-4
+
+
+def add_export_flags(parser: argparse.ArgumentParser, default_out: str, prefix: str = "--"
+                     ) -> None:
+    """The export scripts' own flags beside their evaluation's: ``quant`` (``fp32`` or a
+    mode), ``export_nir`` (the output file, default ``default_out``) and ``dt`` (with
+    ``prefix`` "-" also spelled with two dashes)."""
+    from .levels import MODES
+    from .runtime import positive_float
+
+    def names(flag: str) -> list[str]:
+        return [f"{prefix}{flag}"] + ([f"--{flag}"] if prefix == "-" else [])
+
+    parser.add_argument(f"{prefix}quant", default="fp32", choices=["fp32", *MODES],
+                        help="fp32 (the pretrained network, default) or a quantized one "
+                             "(whose file the method flag names)")
+    parser.add_argument(*names("export_nir"), default=None, metavar="PATH",
+                        help=f"output file (default {default_out})")
+    parser.add_argument(*names("dt"), type=positive_float, default=DEFAULT_DT,
+                        help="time step in seconds the NIR time constants refer to")
+
+
+def output_path(args: argparse.Namespace, default: str) -> str:
+    """``--export_nir``, else ``default`` (with the method in its name for a baseline's
+    quantized weights)."""
+    from .methods import tagged
+
+    if args.export_nir:
+        return args.export_nir
+    method = getattr(args, "method", "cbp")
+    return default if args.quant == "fp32" else tagged(default, method)
 NEURON_SUFFIX = "_lif"  # graph node name of the neuron after layer <name>: <name>_lif
 
 
