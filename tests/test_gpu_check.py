@@ -63,6 +63,7 @@ def test_offline_cpu_run_installs_missing_wheels_and_reports(tmp_path):
     assert n_gpu >= 19
 
 
+@pytest.mark.slow  # runs the whole script twice
 def test_require_gpu_and_bad_option(tmp_path):
     res = run(tmp_path, "--require-gpu", "--no-bench")
     assert res.returncode == 1

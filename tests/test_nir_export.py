@@ -272,6 +272,7 @@ def test_a_round_trip_that_differs_writes_nothing(images, tmp_path):
     assert result.exact and set(ne.read(str(target)).nodes) >= {f"{n}_lif" for n in LAYERS}
 
 
+@pytest.mark.slow  # the library round trips above run in the default tier
 def test_script_end_to_end(tmp_path, images):
     model = build("ter", 0.5)
     (tmp_path / "trained_params").mkdir()

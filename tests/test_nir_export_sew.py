@@ -281,6 +281,7 @@ def test_layers_without_a_nir_node_are_named(frames):
         sne.export(other, frames)
 
 
+@pytest.mark.slow  # the library round trips above run in the default tier
 def test_script_end_to_end(script_run, frames):
     cwd, model, proc = script_run
     out, err = proc.communicate(timeout=120)
