@@ -110,17 +110,23 @@ FUSED_MIN_NUMEL = 1 << 19
 _fused_state: dict = {"fn": None, "failed": False}
 
 
+@functools.lru_cache(maxsize=4)
+def _have_compiler(cxx: str, path: str) -> bool:
+    """Whether a C++ compiler for the CPU kernel is on ``path`` (looked up once per pair)."""
+    return shutil.which(cxx, path=path) is not None or shutil.which("c++", path=path) is not None
+
+
 def _fused_wanted(n: int, device: torch.device, lookup, fused: bool | None = None) -> bool:
     """Whether a weight of ``n`` elements goes through the compiled kernel (``fused``: the
     caller's choice, None for the size rule; ``CBP_FUSED`` overrides both)."""
     flag = os.environ.get("CBP_FUSED", "auto").strip().lower()
     if flag in ("0", "off", "false", "no") or lookup is not None or _fused_state["failed"]:
         return False
-    if flag not in ("1", "on", "true", "yes") and not fused and (
-            fused is False or n < FUSED_MIN_NUMEL):
+    if flag not in ("1", "on", "true", "yes") and (
+            fused is False or (fused is None and n < FUSED_MIN_NUMEL)):
         return False
     if device.type == "cpu":
-        return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+        return _have_compiler(os.environ.get("CXX", "g++"), os.environ.get("PATH", os.defpath))
     return device.type == "cuda"
 
 
@@ -153,14 +159,23 @@ def _fused_fn():
     return _fused_state["fn"]
 
 
+@functools.lru_cache(maxsize=256)
+def _fused_constants(plan: tuple, dtype: torch.dtype, device: torch.device
+                     ) -> tuple[Tensor, Tensor]:
+    """The kernel's constants of a plan as tensors on ``device`` (built once per plan, not per
+    batch): the range ends and triangle constants, and the slope edges."""
+    slope_edges, _, (q0, qn, triangles) = plan
+    consts = [q0, qn] + [v for tri in triangles for v in tri]
+    return (torch.tensor(consts, dtype=dtype, device=device),
+            torch.tensor([v for v, _ in slope_edges], dtype=dtype, device=device))
+
+
 def _evaluate_fused(wf: Tensor, lf: Tensor | None, plan: tuple, want_y: bool, want_grad: bool,
                     want_sum: bool):
     """(Y, grad, sum) as ``_evaluate`` computes them, through the compiled kernel; None when
     the kernel cannot be built."""
-    slope_edges, _, (q0, qn, triangles) = plan
-    consts = [q0, qn] + [v for tri in triangles for v in tri]
-    c = torch.tensor(consts, dtype=wf.dtype, device=wf.device)
-    edges = torch.tensor([v for v, _ in slope_edges], dtype=wf.dtype, device=wf.device)
+    slope_edges, _, (_, _, triangles) = plan
+    c, edges = _fused_constants(plan, wf.dtype, wf.device)
     jumps = tuple(j for _, j in slope_edges)
     need_y = want_y or want_sum
     times_lam = want_sum and lf is not None and not want_y
