@@ -26,7 +26,6 @@ from sewcommon import nir_export as sne  # noqa: E402
 
 from cbp import methods  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
-from cbp.checkpoint import load_into  # noqa: E402
 from cbp.runtime import UserError, require_file, run_main  # noqa: E402
 
 
@@ -61,18 +60,15 @@ def checkpoint(args: argparse.Namespace) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import q_smodels
-    from torch.utils.data import DataLoader
 
     out = ne.output_path(args, f"./trained_params/SEW_ResNet_{mq.DATASET}_{args.quant}.nir")
     path = checkpoint(args)
     device = engine.resolve_device(args.device)
     model = q_smodels.SEWResNet(args.cnf, None if args.quant == "fp32" else args.quant,
-                                width=args.width).to(device).eval()
-    load_into(model, engine.load_checkpoint_file(path), nonfinite="warn")
+                                width=args.width)
     test_set = data.cifar10dvs(args.data_dir, args.T, args.dts_cache)[1]
-    loader = DataLoader(test_set, batch_size=args.b, shuffle=False, num_workers=args.j)
-    frames = next(iter(loader))[0].to(device).float()  # the first -test-only batch
-    print(sne.export_checked(model, frames, out, args.dt, device, f"SEWResNet {args.quant}"))
+    print(sne.export_checkpoint(model, path, test_set, args.b, args.j, out, args.dt, device,
+                                f"SEWResNet {args.quant}"))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ import argparse
 import os
 import sys
 
-from torch.utils.data import DataLoader
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main_quantize_cbp as mq  # noqa: E402
@@ -29,7 +27,6 @@ from sewcommon import nir_export as sne  # noqa: E402
 
 from cbp import methods  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
-from cbp.checkpoint import load_into  # noqa: E402
 from cbp.runtime import require_file, run_main  # noqa: E402
 
 
@@ -73,19 +70,14 @@ def main(argv=None) -> None:
     builder = getattr(q_smodels, args.model)
     model = (builder(args.connect_f, mode, width=args.width, **shape)
              if args.model == "SEWResNet" else builder(mode, width=args.width, **shape))
-    model = model.to(device).eval()
-    load_into(model, engine.load_checkpoint_file(path), nonfinite="warn")
     if digits:
         from sewcommon.dvs_emulator import digits_dvs
 
         test_set = digits_dvs(False, args.T, mq.DIGITS_SIZE)
     else:
         test_set = data.dvs128_gesture(args.data_path, args.T)[1]
-    loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.workers)
-    frames = next(iter(loader))[0].to(device)  # the first batch of the --test-only evaluation
-    print(sne.export_checked(model, frames, out, args.dt, device,
-                             f"{args.model} {args.quant}"))
+    print(sne.export_checkpoint(model, path, test_set, args.batch_size, args.workers, out,
+                                args.dt, device, f"{args.model} {args.quant}"))
 
 if __name__ == "__main__":
     run_main(main)

@@ -26,7 +26,6 @@ from sewcommon import nir_export as sne  # noqa: E402
 
 from cbp import methods  # noqa: E402
 from cbp import nir_export as ne  # noqa: E402
-from cbp.checkpoint import load_into  # noqa: E402
 from cbp.runtime import UserError, require_file, run_main  # noqa: E402
 
 
@@ -61,7 +60,6 @@ def checkpoint(args: argparse.Namespace) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import q_sew_resnet
-    from torch.utils.data import DataLoader
 
     depth = mq.depth(args.model)
     out = ne.output_path(args, f"./trained_params/SEW_ResNet_{depth}_ImageNet_{args.quant}.nir")
@@ -69,15 +67,12 @@ def main(argv=None) -> None:
     device = engine.resolve_device(args.device)
     model = getattr(q_sew_resnet, args.model)(
         T=args.T, connect_f=args.connect_f, mode=None if args.quant == "fp32" else args.quant,
-        width=args.width).to(device).eval()
-    load_into(model, engine.load_checkpoint_file(path), nonfinite="warn")
+        width=args.width)
     val = data.image_folder(os.path.join(args.data_path, "val"),
                             data.imagenet_transforms(False, args.crop_size, args.resize_size),
                             args.cache_dataset)
-    loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    images = next(iter(loader))[0].to(device).float()  # the first --test-only batch
-    print(sne.export_checked(model, images, out, args.dt, device,
-                             f"{args.model} {args.quant}"))
+    print(sne.export_checkpoint(model, path, val, args.batch_size, args.workers, out, args.dt,
+                                device, f"{args.model} {args.quant}"))
 
 
 if __name__ == "__main__":

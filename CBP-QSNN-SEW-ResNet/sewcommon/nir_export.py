@@ -414,3 +414,20 @@ def export_checked(net: nn.Module, frames: Tensor, path: str, dt: float = ne.DEF
             f"{frames.shape[0]} test samples, spikes identical in all {len(result.spikes)} "
             f"{kind} layers ({sum(result.spikes.values())} spikes), logits max |diff| "
             f"{result.max_logit_diff:.2g} (float32 bound {result.bound:.2g})")
+
+
+def export_checkpoint(model: nn.Module, checkpoint: str, test_set, batch_size: int, workers: int,
+                      path: str, dt: float, device: torch.device, label: str) -> str:
+    """An export script's work: ``checkpoint`` loaded into ``model`` as the test-only run
+    loads it, then :func:`export_checked` on the first batch that run evaluates."""
+    from torch.utils.data import DataLoader
+
+    from cbp.checkpoint import load_into
+
+    from .engine import load_checkpoint_file
+
+    model = model.to(device).eval()
+    load_into(model, load_checkpoint_file(checkpoint), nonfinite="warn")
+    loader = DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers)
+    frames = next(iter(loader))[0].to(device).float()
+    return export_checked(model, frames, path, dt, device, label)
