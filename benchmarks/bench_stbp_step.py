@@ -11,12 +11,21 @@ Repetitions alternate between the two, and the medians are compared.
     python benchmarks/bench_stbp_step.py --device cuda --batch 50 --T 8
     python benchmarks/bench_stbp_step.py --profile            # also print our step's top ops
     python benchmarks/bench_stbp_step.py --channels-last      # ours in channels_last format
+    python benchmarks/bench_stbp_step.py --reference-dir ../CBP-QSNN/CBP-QSNNs/CBP-QSNN-STBP
+
+``--reference-dir`` also times the authors' own training step, imported from a checkout of
+their STBP folder (``q_model.py``, ``q_module.py``, ``functions.py``; paper width only), on the
+same weights, multipliers and batch, so that the reference-style baseline can be checked
+against it.  Their modules call ``.cuda()`` unconditionally; on a CPU run that call returns the
+tensor itself while their code runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
 import os
 import platform
 import statistics
@@ -34,8 +43,8 @@ import baseline  # noqa: E402
 
 
 def build(width: float, T: int, mode: str, device: torch.device, channels_last: bool = False):
-    """(our step, the reference-style step): two copies of one quantized network (ours in
-    ``channels_last`` memory format when asked)."""
+    """(our step, the reference-style step, our network, its controller): two copies of one
+    quantized network (ours in ``channels_last`` memory format when asked)."""
     import engine
     from q_model import Q_Conv_SNN
 
@@ -68,21 +77,106 @@ def build(width: float, T: int, mode: str, device: torch.device, channels_last: 
     def step_ref(x, y):
         baseline.stbp_reference_step(ref, ref_opt, lambdas, ctl.ucs, x, y, 10)
 
-    return step_ours, step_ref
+    step_ref.model = ref
+    return step_ours, step_ref, ours, ctl
 
 
-def measure(step_ours, step_ref, x, y, repeat: int, sync) -> tuple[float, float]:
-    """Medians (baseline, ours) over ``repeat`` alternating repetitions after one warm-up."""
-    step_ref(x, y), step_ours(x, y)
+REFERENCE_MODULES = ("functions", "q_module", "q_model")
+
+
+@contextlib.contextmanager
+def _foreign_modules(folder: str):
+    """Import modules from ``folder`` under names our STBP folder also uses (``functions``,
+    ``q_model``): ours are set aside meanwhile and put back afterwards."""
+    saved = {n: sys.modules.pop(n) for n in REFERENCE_MODULES if n in sys.modules}
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+        for n in REFERENCE_MODULES:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+@contextlib.contextmanager
+def _cuda_as_noop(active: bool):
+    """While active, ``Tensor.cuda()`` returns the tensor itself (their code on a CPU)."""
+    saved = torch.Tensor.cuda
+    if active:
+        torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = saved
+
+
+def reference_step(folder: str, ours, lambdas: list, ucs: float, batch: int, T: int, mode: str,
+                   device: torch.device):
+    """The authors' own STBP CBP training step (their model, quantizer and constraint from
+    ``folder``), started from ``ours``' weights and the same multipliers and ``ucs``; their
+    network is the returned function's ``model``."""
+    missing = [f"{n}.py" for n in REFERENCE_MODULES
+               if not os.path.isfile(os.path.join(folder, f"{n}.py"))]
+    if missing:
+        raise SystemExit(f"error: --reference-dir {folder} lacks {', '.join(missing)}: give the "
+                         "reference's CBP-QSNN-STBP folder")
+    on_cpu = device.type == "cpu"  # their modules call .cuda() unconditionally
+    with _foreign_modules(os.path.abspath(folder)), _cuda_as_noop(on_cpu):
+        rq = importlib.import_module("q_model")
+        rm = importlib.import_module("q_module")
+        model = rq.Q_Conv_SNN(ours.outs, ours.decay, ours.thresh, ours.lens, batch, T, mode)
+    theirs = model.state_dict()
+    try:
+        model.load_state_dict({k: v for k, v in ours.state_dict().items() if k in theirs})
+    except RuntimeError:
+        raise SystemExit("error: --reference-dir runs the reference's paper-width network only: "
+                         "use --width 1") from None
+    model.to(device)
+    qmods = [m for m in model.modules() if isinstance(m, (rm.QConv2d, rm.QLinear))]
+    lams = [lam.detach().clone().to(device) for lam in lambdas]
+    opt = torch.optim.SGD([{"params": [m.weight for m in qmods]},
+                           {"params": [p for n, p in model.named_parameters()
+                                       if not any(p is m.weight for m in qmods)]}],
+                          lr=5e-3, momentum=0.9)
+    mse = torch.nn.MSELoss()
+
+    def step(x, y):
+        with _cuda_as_noop(on_cpu):
+            one_step(x, y)
+
+    def one_step(x, y):
+        opt.zero_grad()
+        out = model(x)
+        onehot = torch.zeros(batch, ours.outs).scatter_(1, y.view(-1, 1).cpu(), 1)
+        const = sum((rm.constraint.apply(m.weight, m.scale, m.factor, m.b, ucs) * lam).sum()
+                    for m, lam in zip(qmods, lams))
+        lag = mse(out.cpu(), onehot) + const.cpu()
+        lag.backward(retain_graph=True)
+        torch.nn.utils.clip_grad_value_(model.parameters(), 1)
+        opt.step()
+        with torch.no_grad():
+            for m in qmods:
+                m.weight.clamp_(-1, 1)
+
+    step.model = model
+    return step
+
+
+def measure(steps: dict, x, y, repeat: int, sync) -> dict[str, float]:
+    """Median seconds per step of each of ``steps`` (name -> step) over ``repeat`` alternating
+    repetitions after one warm-up each."""
+    for fn in steps.values():
+        fn(x, y)
     sync()
-    t_ref, t_ours = [], []
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeat):
-        for fn, acc in ((step_ref, t_ref), (step_ours, t_ours)):
+        for k, fn in steps.items():
             t = time.perf_counter()
             fn(x, y)
             sync()
-            acc.append(time.perf_counter() - t)
-    return statistics.median(t_ref), statistics.median(t_ours)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="print our step's top operators")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's default)")
+    p.add_argument("--reference-dir", default=None, metavar="DIR",
+                   help="also time the authors' own step from their CBP-QSNN-STBP folder")
     p.add_argument("--channels-last", action="store_true",
                    help="run our network and its input in channels_last memory format")
     args = p.parse_args(argv)
@@ -113,13 +209,19 @@ def main(argv: list[str] | None = None) -> None:
                f"threads, torch {torch.__version__}")
     if device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
-    step_ours, step_ref = build(args.width, args.T, args.mode, device, args.channels_last)
+    step_ours, step_ref, ours_model, ctl = build(args.width, args.T, args.mode, device,
+                                                 args.channels_last)
+    steps = {"baseline": step_ref, "ours": step_ours}
+    if args.reference_dir:
+        steps["reference"] = reference_step(args.reference_dir, ours_model, ctl.lambdas,
+                                            ctl.ucs, args.batch, args.T, args.mode, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    base, ours = measure(step_ours, step_ref, x, y, args.repeat, sync)
+    med = measure(steps, x, y, args.repeat, sync)
+    base, ours = med["baseline"], med["ours"]
     if args.profile:
         from torch.profiler import profile
 
@@ -133,6 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     name = (f"STBP CBP train step width {args.width:g}, batch {args.batch}, T {args.T}, "
             f"{args.mode}, {device.type}: reference-style vs ours")
     print(f"| {name} | {base:.3f} | {ours:.3f} | {base / ours:.1f}x faster |")
+    if "reference" in med:
+        ref = med["reference"]
+        print(f"| {name.replace('reference-style', 'the reference')} | {ref:.3f} | {ours:.3f} "
+              f"| {ref / ours:.1f}x faster |")
+        print(f"| {name.replace('reference-style vs ours', 'the reference vs reference-style')}"
+              f" | {ref:.3f} | {base:.3f} | {ref / base:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ machine) into ``docs/benchmarks.md`` between the ``<!-- bench:start -->`` /
 
     python benchmarks/run_all.py               # run all, update docs/benchmarks.md
     python benchmarks/run_all.py --no-doc      # only print the table
+    python benchmarks/run_all.py --stbp-reference-dir DIR   # the full STBP step also against
+                                               # the reference's own, from its STBP folder
 """
 
 from __future__ import annotations
@@ -60,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="the markdown file whose bench block gets the table "
                         "(default: docs/benchmarks.md)")
     p.add_argument("--pattern", default=os.path.join(HERE, "bench_*.py"))
+    p.add_argument("--stbp-reference-dir", default=None, metavar="DIR",
+                   help="passed to bench_stbp_step.py as --reference-dir")
     args = p.parse_args(argv)
     results = []
     for script in sorted(glob.glob(args.pattern)):
         name = os.path.basename(script)
         print(f"running {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
+        extra = (["--reference-dir", args.stbp_reference_dir]
+                 if args.stbp_reference_dir and name == "bench_stbp_step.py" else [])
+        proc = subprocess.run([sys.executable, script, *extra], capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
             return 1

@@ -62,3 +62,14 @@ def test_runs_scripts_matching_pattern(tmp_path):
     assert run_all.main(["--pattern", str(tmp_path / "bench_*.py"), "--doc", str(doc),
                          "--no-doc"]) == 0
     assert doc.read_text() == "unchanged\n"
+
+
+def test_stbp_reference_dir_reaches_the_step_benchmark_only(tmp_path, capsys):
+    echo = "import sys\nprint('| ' + ' '.join(sys.argv[1:]) + ' args | 1 | 1 | 1.0x faster |')\n"
+    for name in ("bench_stbp_step.py", "bench_other.py"):
+        (tmp_path / name).write_text(echo)
+    assert run_all.main(["--pattern", str(tmp_path / "bench_*.py"), "--no-doc",
+                         "--stbp-reference-dir", "/r/STBP"]) == 0
+    out = capsys.readouterr().out
+    assert "| bench_stbp_step.py | --reference-dir /r/STBP args |" in out
+    assert "| bench_other.py | args |" in out
