@@ -215,3 +215,32 @@ def test_tiny_sew_pipeline_end_to_end(tmp_path, monkeypatch):
     assert runs["bin"]["synops"] > 0 and runs["bin"]["energy"] > 0
     assert os.path.isfile(tmp_path / "SEW-ResNet" / "seed0" / "trained_params"
                           / "SEW_ResNet_DIGITS_bin_cbp_prequantized.pth")
+
+
+def test_readme_keeps_the_rows_an_earlier_call_left_in_out(tmp_path, monkeypatch):
+    """Calls for different pipelines add up: the doc's tables show every pipeline with results
+    in --out, the ones this call did not name read from their stored results."""
+    fake = fake_pipeline(tmp_path)
+    other = mr.Pipeline(**{**fake.__dict__, "name": "TSSL-BP", "network": "other net"})
+    monkeypatch.setattr(mr, "pipelines", lambda: {"STBP": fake, "TSSL-BP": other})
+    doc = tmp_path / "mini_replication.md"
+    doc.write_text(f"{mr.START}\n{mr.END}\n{mr.BASE_START}\n{mr.BASE_END}\n")
+    monkeypatch.setattr(mr, "DOC", str(doc))
+    out = str(tmp_path / "out")
+    common = ["--seeds", "0", "--modes", "bin", "--out", out, "--readme"]
+    assert mr.main(["--pipelines", "STBP", *common]) == 0
+    (tmp_path / "scripts" / "fake.py").write_text("import sys; sys.exit(3)")  # STBP can't rerun
+    (tmp_path / "out" / "TSSL-BP" / "seed0").mkdir(parents=True)
+    for label, acc in (("fp32", 50.0), ("bin", 40.0), ("bin_ste", 39.0), ("bin_ptq", 30.0)):
+        (tmp_path / "out" / "TSSL-BP" / "seed0" / f"{label}.json").write_text(
+            json.dumps({"acc": acc, "cfs": 0.5, "seconds": 60.0}))
+    assert mr.main(["--pipelines", "TSSL-BP", *common]) == 0
+    text = doc.read_text()
+    first, second = (text.split(a, 1)[1].split(b, 1)[0]
+                     for a, b in ((mr.START, mr.END), (mr.BASE_START, mr.BASE_END)))
+    assert [ln.split(" | ")[0] for ln in first.splitlines() if ln.startswith("| S")
+            or ln.startswith("| T")] == ["| STBP", "| TSSL-BP"]
+    assert "| TSSL-BP | other net |" in first and "| 50.00 | 40.00 |" in first
+    assert "| STBP | 1 | bin | 80.00 | 89.00 | 90.00 |" in second
+    assert "| TSSL-BP | 1 | bin | 30.00 | 39.00 | 40.00 |" in second
+    assert mr.stored(["SEW-ResNet"], out) == {}  # nothing stored: left out
