@@ -328,11 +328,34 @@ def load_cbp_checkpoint(args, path: str, device: torch.device) -> SpikeModel_q:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     state = load_file(path)
+    follow_checkpoint(args, state, path)
     extras = {k: state.get(k, {}) if isinstance(state, dict) else {}
               for k in ("pool_bias_dict", "mem_pot_init_dict")}
     snn_q = load_calibrated_snn_q(args, {"net_snn": {}, **extras}, device)
     load_into(snn_q, state, nonfinite="warn")
     return snn_q
+
+
+def follow_checkpoint(args, state, path: str) -> None:
+    """Take the quantization mode and T a CBP checkpoint was trained with (its saved ``args``)
+    unless the command gave them: ``args.given`` names the flags given.  A ``--quant`` other
+    than the checkpoint's is an error (its weights were trained for those levels); a ``--T``
+    other than its T evaluates at that T, with a note."""
+    saved = state.get("args") if isinstance(state, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    given = getattr(args, "given", set())
+    quant, T = saved.get("quant"), saved.get("T")
+    if quant is not None and quant != args.quant:
+        if "quant" in given:
+            raise UserError(f"{path} holds {quant} weights: evaluate it with --quant {quant} "
+                            "(or without --quant)")
+        args.quant = quant
+    if T is not None and int(T) != args.T:
+        if "T" in given:
+            print(f"note: evaluating at T={args.T}; {path} was trained at T={int(T)}")
+        else:
+            args.T = int(T)
+    print(f"checkpoint: {args.quant} weights, evaluated at T={args.T}")
 
 
 def load_calibrated_snn_q(args, calib_ckpt: dict, device: torch.device) -> SpikeModel_q:

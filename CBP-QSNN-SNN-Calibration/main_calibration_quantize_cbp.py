@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     E.add_common_args(p)
     p.add_argument("--calib", default="none", type=str, help="calibration methods",
                    choices=["none", "light", "advanced"])
-    p.add_argument("--T", default=32, type=E.positive_int, help="snn simulation length")
+    p.add_argument("--T", default=None, type=E.positive_int,
+                   help="snn simulation length (default: 32; with --evaluate, the checkpoint's)")
     p.add_argument("--reset_pool", action="store_true",
                    help="set the pooling kernels to exactly 1/4 before conversion (default: "
                         "convert them as loaded, as the reference does)")
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight decay (default: 1e-4 without BN, 5e-4 with BN)")
     p.add_argument("--lr_lambda", default=1e-5, type=E.positive_float,
                    help="learning rate for lambda update")
-    p.add_argument("--quant", default="bin", type=str, choices=list(MODES), help="quantization")
+    p.add_argument("--quant", default=None, type=str, choices=list(MODES),
+                   help="quantization (default: bin; with --evaluate, the checkpoint's)")
     p.add_argument("--period", type=E.positive_int, default=20,
                    help="max period of lambda update")
     # additions
@@ -69,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evaluate", type=str, default=None, metavar="CKPT",
                    help="only evaluate a CBP checkpoint (e.g. a ..._ckpt.pth written here)")
     args = p.parse_args(argv)
+    args.given = {k for k in ("T", "quant") if getattr(args, k) is not None}
+    args.T = 32 if args.T is None else args.T
+    args.quant = args.quant or "bin"
     if args.wd is None:
         args.wd = 5e-4 if args.usebn else 1e-4
     if args.wd < 0:

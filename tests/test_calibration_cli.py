@@ -155,10 +155,12 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, tmp_path, monkeypat
 def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     best = load(run_dir / f"{STEM}_ckpt.pth")
-    code, out, err = call_main(CBPMAIN.main, CBP_ARGS + ["--evaluate", f"{STEM}_ckpt.pth"])
+    # neither --quant nor --T given: the checkpoint's (ter, T 2), not the flags' defaults
+    code, out, err = call_main(CBPMAIN.main, SMALL + ["--evaluate", f"{STEM}_ckpt.pth"])
     assert code == 0, err
+    assert "checkpoint: ter weights, evaluated at T=2" in out
     acc = float(out.split("test_acc=")[1].split()[0])
-    assert acc == pytest.approx(best["max_test_acc"])  # the same network, the same test set
+    assert acc == best["max_test_acc"]  # the same network, the same test set
     assert "CFS:" in out and "Mbit" in out
     # spike metrics: every IF layer (13 convs + 5 pooling convs of VGG16) fires spikes of
     # amplitude theta; the first conv sees the analog image at each of the T = 2 steps
@@ -167,6 +169,10 @@ def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     macs = float(out.split("MACs/sample: ")[1].split()[0])
     c1 = best["net"]["model.features.0.conv.weight"]
     assert macs == 2 * c1.numel() * 32 * 32  # the first conv only: C_out C_in 9 x 32 x 32 x T
+    code, out, err = call_main(CBPMAIN.main, SMALL + ["--quant", "bin", "--evaluate",
+                                                      f"{STEM}_ckpt.pth"])
+    assert code == 1 and "test_acc" not in out
+    error_line(err, "holds ter weights: evaluate it with --quant ter (or without --quant)")
     monkeypatch.chdir(tmp_path)
     code, _, err = call_main(CBPMAIN.main, CBP_ARGS + ["--evaluate", "missing.pth"])
     assert code == 1
