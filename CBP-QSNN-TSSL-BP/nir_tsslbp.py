@@ -167,21 +167,26 @@ def network_input(net: nn.Module, images: Tensor) -> Tensor:
 
 @torch.no_grad()
 def tsslbp_recording(net: nn.Module, images: Tensor) -> ne.Recording:
-    """``net``'s output trace ``[T, N, n_class]`` on ``images`` (eval, the image at every step)
-    and every conv/linear layer's spikes ``[T, N, ...]`` (linear layers ``[T, N, n]``),
-    recomputed from the current its neuron receives with ``tsslbp.torch_forward``."""
+    """``net``'s output trace ``[T, N, n_class]`` on ``images`` (eval, the image at every step,
+    the neuron's torch backend) and every conv/linear layer's spikes ``[T, N, ...]`` (linear
+    layers ``[T, N, n]``), recomputed from the current its neuron receives with
+    ``tsslbp.torch_forward``."""
     currents: dict[str, Tensor] = {}
     layers = spiking_layers(net)
     handles = [layer.neuron.register_forward_hook(
         lambda _m, args, _out, n=layer.name: currents.__setitem__(n, args[0].detach()))
         for layer in layers]
     steps = int(net.network_config["n_steps"])
+    backend, was = tsslbp.get_backend(), net.training
+    # the torch backend (the CuPy kernels compute the same values) hands each trace on in the
+    # [T, M] layout that cbp.nir_torch uses, so both feed the next layer the same tensors
+    tsslbp.set_backend("torch")
     try:
-        was = net.training
         net.eval()
         out = net(images.unsqueeze(-1).expand(*images.shape, steps).contiguous(), None, False)
-        net.train(was)
     finally:
+        net.train(was)
+        tsslbp.set_backend(backend)
         for h in handles:
             h.remove()
     spikes = {}

@@ -118,6 +118,26 @@ def test_interpreter_matches_the_tsslbp_neuron_bitwise():
     assert 0 < int((u > 1.0).sum()) < u.numel()
 
 
+def test_pooling_conv_runs_per_channel_as_the_network_pools(exported):
+    """The diagonal pooling Conv2d gives the pooling layer's values bitwise; with one channel's
+    kernel changed it is an ordinary convolution (the dense path), equal within rounding."""
+    net, data, _ = exported
+    pool = next(layer for layer in net.layers if layer.type == "pooling")
+    graph = ne.read(data)
+    x = torch.rand(3, 8, 8, 8, STEPS)
+    sub = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([8, 8, 8])}),
+                              "pool": graph.nodes["pooling_1"],
+                              "output": nir.Output(output_type={"output": np.array([8, 4, 4])})},
+                       edges=[("input", "pool"), ("pool", "output")], metadata={"dt": 1e-4})
+    assert torch.equal(nir_torch.load(sub)(x), pool(x))
+    sub.nodes["pool"].weight = sub.nodes["pool"].weight.copy()
+    sub.nodes["pool"].weight[0, 0, 0, 0] = 2.0
+    dense = nir_torch.load(sub)(x)
+    want = pool(x)
+    want[:, 0] += (2.0 - np.float32(1.1)) * x[:, 0, ::2, ::2]
+    assert torch.allclose(dense, want, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- the mapping
 
 
@@ -226,10 +246,10 @@ def test_conv_after_a_linear_layer_is_refused(tmp_path):
 # --------------------------------------------------------------------------- other readers
 
 
-def test_snntorch_and_norse_cannot_read_the_trace(exported):
+def test_snntorch_and_norse_cannot_read_the_trace(tmp_path):
     """Neither importer has a ``nir.LI`` node (docs/nir.md): snnTorch names it, Norse maps it
     to nothing and nirtorch fails on the first edge into it."""
-    _, data, _ = exported
+    data = ne.to_bytes(nir_tsslbp.tsslbp_graph(build(tmp_path, quantize=True)))
     pytest.importorskip("snntorch")
     with pytest.raises(ValueError, match="Unknown node type <class 'nir.ir.neuron.LI'>"):
         import_graph("snntorch", data)

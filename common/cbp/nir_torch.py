@@ -8,7 +8,10 @@ same order is reproduced bitwise:
 
 * tensors are ``[N, *shape, T]`` (time last); stateless nodes process all T steps in one call
   (``Conv2d`` as a ``conv3d`` with kernel ``(kh, kw, 1)``, ``Linear`` on the features of every
-  step); a node with several inputs gets their sum, in edge order;
+  step); a ``Conv2d`` without bias that filters every channel alone with one shared kernel
+  (zero weights off the channel diagonal) runs as that kernel over each channel separately,
+  the same sums without the zero terms; a node with several inputs gets their sum, in edge
+  order;
 * neurons walk the steps on a ``[T, M]`` buffer, starting from ``v = 0``, forward Euler at the
   graph's ``dt`` with ``g = dt / tau`` and ``k = r dt / tau`` computed in float64 from the
   node's (uniform) parameters and rounded once to the tensor's dtype:
@@ -80,7 +83,7 @@ class Interpreter(nn.Module):
         self.graph = graph
         self.order = _topological(graph)
         self.sources = {n: [s for s, t in graph.edges if t == n] for n in graph.nodes}
-        self.tensors: dict[str, Tensor] = {}
+        self.tensors: dict[str, Tensor | None] = {}
         kinds = (nir.Input, nir.Output, nir.Conv2d, nir.Linear, nir.Affine, nir.Flatten,
                  nir.LIF, nir.LI)
         for name, node in graph.nodes.items():
@@ -108,8 +111,31 @@ class Interpreter(nn.Module):
         if padding is None:
             raise ValueError(f"node '{name}': Conv2d padding {node.padding!r} is not supported")
         stride, dilation = _pair(node.stride), _pair(node.dilation)
-        return F.conv3d(x, w[..., None], self._param(name, "bias"), (*stride, 1),
-                        (*padding, 0), (*dilation, 1), int(np.asarray(node.groups)))
+        args = ((*stride, 1), (*padding, 0), (*dilation, 1))
+        bias, groups = self._param(name, "bias"), int(np.asarray(node.groups))
+        shared = self._shared_kernel(name, w) if groups == 1 and bias is None else None
+        if shared is not None:  # each channel alone: the same sums without the zero terms
+            n, c = x.shape[:2]
+            y = F.conv3d(x.reshape(n * c, 1, *x.shape[2:]), shared[None, None, ..., None],
+                         None, *args)
+            return y.reshape(n, c, *y.shape[2:])
+        return F.conv3d(x, w[..., None], bias, *args, groups)
+
+    def _shared_kernel(self, name: str, w: Tensor) -> Tensor | None:
+        """The one kernel of a convolution that filters every channel alone with it (zero
+        weights off the channel diagonal, the same kernel on it), else None."""
+        key = f"{name}.shared"
+        if key not in self.tensors:
+            c = w.shape[0]
+            found = None
+            if c == w.shape[1] and c > 1:
+                diagonal = w[range(c), range(c)]
+                off = w.clone()
+                off[range(c), range(c)] = 0
+                if not off.any() and bool((diagonal == diagonal[0]).all()):
+                    found = diagonal[0].clone()
+            self.tensors[key] = found
+        return self.tensors[key]
 
     def _linear(self, name: str, x: Tensor) -> Tensor:
         w = self._param(name, "weight")
