@@ -102,6 +102,10 @@ def test_lif_and_li_steps_by_hand():
     assert rec.outputs.flatten().tolist() == [0.0, 0.0, 0.5, 0.25]
     with pytest.raises(ValueError, match="dt=0.001 differs from the dt=0.0001"):
         nir_torch.load(one_neuron_graph(2.0, 2.0), dt=1e-3)
+    graph = one_neuron_graph(2.0, 2.0)
+    graph.nodes["trace"] = nir.Threshold(threshold=np.array([0.5]))
+    with pytest.raises(ValueError, match="node 'trace': Threshold is not one of"):
+        nir_torch.load(graph)
 
 
 def test_interpreter_matches_the_tsslbp_neuron_bitwise():
@@ -261,6 +265,15 @@ def test_snntorch_and_norse_cannot_read_the_trace(tmp_path):
 # --------------------------------------------------------------------------- the script
 
 
+def test_missing_config_is_one_line(tmp_path, monkeypatch):
+    from clitools import inproc
+
+    code, out, err = inproc(SCRIPT, ["-config", "nope.yaml"], tmp_path, monkeypatch)
+    assert code == 1 and out == "" and err.splitlines() == [
+        "error: config file not found: nope.yaml"], err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow  # the library round trips above run in the default tier
 def test_script_end_to_end(tmp_path, images):
     net = build(tmp_path, quantize=True)
@@ -271,12 +284,16 @@ def test_script_end_to_end(tmp_path, images):
     torch.save(fp32.state_dict(), tmp_path / "trained_params/TSSL_BP_DIGITS_fp32_pretrained.pth")
     env = dict(os.environ, CBP_NO_PROGRESS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("CBP_FAILPOINT", None)
+    cifar = yaml.safe_load((TSSL_DIR / "Networks" / "CIFAR10_ter.yaml").read_text())
+    cifar["Network"]["data_path"] = str(tmp_path / "no_cifar")
+    (tmp_path / "CIFAR10_ter.yaml").write_text(yaml.safe_dump(cifar))
     config = ["-config", "DIGITS_ter.yaml", "-device", "cpu"]
     runs = [subprocess.Popen([sys.executable, str(SCRIPT), *config, *extra], cwd=tmp_path,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for extra in ([], ["-quant", "fp32", "-dt", "1e-3"], ["-method", "ste"])]
-    (ter_out, ter_err), (fp_out, fp_err), (ste_out, ste_err) = (p.communicate(timeout=120)
-                                                                 for p in runs)
+            for extra in ([], ["-quant", "fp32", "-dt", "1e-3"], ["-method", "ste"],
+                          ["-config", "CIFAR10_ter.yaml"])]
+    (ter_out, ter_err), (fp_out, fp_err), (ste_out, ste_err), (cf_out, cf_err) = (
+        p.communicate(timeout=120) for p in runs)
     assert runs[0].returncode == 0, ter_err
     assert ("exported ./trained_params/TSSL_BP_DIGITS_ter.nir (ter, T=5, dt=0.0001): round "
             "trip exact on 16 test images, spikes identical in all 4 layers") in ter_out
@@ -293,3 +310,8 @@ def test_script_end_to_end(tmp_path, images):
     assert len(lines) == 1 and lines[0].startswith(
         "error: prequantized checkpoint ./trained_params/TSSL_BP_DIGITS_ter_ste_"), ste_err
     assert not (tmp_path / "trained_params/TSSL_BP_DIGITS_ter_ste.nir").exists()
+
+    lines = cf_err.strip().splitlines()  # no CIFAR-10 files: one line naming -download
+    assert runs[3].returncode != 0 and cf_out == "" and len(lines) == 1, cf_err
+    assert lines[0].startswith("error: ") and "-download" in lines[0], cf_err
+    assert not (tmp_path / "trained_params/TSSL_BP_CIFAR10_ter.nir").exists()

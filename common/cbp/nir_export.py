@@ -16,7 +16,8 @@ trip.
   PLIF as LIF) are below.
 
 Each pipeline maps its own network onto these (``CBP-QSNN-STBP/nir_stbp.py``,
-``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``).
+``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``); TSSL-BP's LIF + LI graphs, which
+spikingjelly cannot import, run in :mod:`cbp.nir_torch` (``CBP-QSNN-TSSL-BP/nir_tsslbp.py``).
 """
 
 from __future__ import annotations
