@@ -384,3 +384,65 @@ def load_weights(net: Network, state: dict, where: str) -> dict:
 
 
 
+
+
+def fp32_hint(args) -> str:
+    """How to get the pretrained fp32 checkpoint of ``args.config``."""
+    return f"download it from {DRIVE} or create it with: " \
+           f"python main_train_fp32.py -config {args.config}"
+
+
+def load_fp32_scales(net: Network, path: str, hint: str) -> None:
+    """Load the fp32 weights and set every scale to mean |W_fp32| (the reference's start-up)."""
+    from cbp.checkpoint import check_finite, extract_state_dict, load_file
+
+    require_file(path, "pretrained fp32 checkpoint", hint)
+    state = extract_state_dict(load_file(path))
+    check_finite(state, path)
+    load_weights(net, state, path)
+    net.set_scales(None)
+
+
+def load_prequantized(net: Network, args, params: parse, dataset: str) -> str:
+    """Load the weights and scales ``main_quantize_cbp.py -mode eval`` evaluates
+    (``-checkpoint``, else the prequantized file of the config's mode and ``-method``) into
+    ``net``; returns the path.  A missing file is one error line."""
+    from cbp import methods
+    from cbp.checkpoint import check_finite, extract_state_dict, load_file
+
+    mode = params["Network"]["mode"]
+    method = getattr(args, "method", "cbp")
+    path = args.checkpoint or methods.tagged(
+        prequantized_path(params["Network"]["dataset"], mode), method)
+    cmd = (f"python main_quantize_cbp.py -config {args.config} -mode train"
+           + methods.flag(method, "-"))
+    require_file(path, "prequantized checkpoint",
+                 f"download it from {DRIVE} or produce it with: {cmd}")
+    obj = load_file(path)
+    state = extract_state_dict(obj)
+    check_finite(state, path, "warn")
+    _, scales = split_state(state)
+    if not scales and isinstance(obj, dict) and isinstance(obj.get("scales"), dict):
+        scales = dict(obj["scales"])  # a full training checkpoint (_last.pth, progress/*.pth)
+    if not scales:  # authors' files: scales come from the fp32 weights, as in the reference
+        load_fp32_scales(net, pretrained_path(dataset),
+                         f"{path} stores no scales, so they are recomputed from the fp32 "
+                         f"weights; {fp32_hint(args)}")
+    load_weights(net, state, path)
+    if scales:
+        net.set_scales(scales)
+    return path
+
+
+def load_pretrained(net: Network, args, dataset: str) -> str:
+    """Load the fp32 weights ``main_train_fp32.py -mode eval`` evaluates (``-checkpoint``, else
+    the pretrained file) into ``net``; returns the path.  A missing file is one error line."""
+    from cbp.checkpoint import check_finite, extract_state_dict, load_file
+
+    path = args.checkpoint or pretrained_path(dataset)
+    require_file(path, "fp32 checkpoint",
+                 f"create it with: python main_train_fp32.py -config {args.config}")
+    state = extract_state_dict(load_file(path))
+    check_finite(state, path, "warn")
+    load_weights(net, state, path)
+    return path

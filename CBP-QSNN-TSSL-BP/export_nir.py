@@ -1,25 +1,30 @@
-"""Export a TSSL-BP network to NIR (Neuromorphic Intermediate Representation) - or say, in one
-line naming the layer, why no file can reproduce it.
+"""Export a TSSL-BP network to NIR (Neuromorphic Intermediate Representation).
 
-Run from this folder, with the flags of the evaluation command:
+Examples (working directory = CBP-QSNN-TSSL-BP/):
     python export_nir.py -config Networks/CIFAR10_ter.yaml
+    python export_nir.py -config Networks/DIGITS_bin.yaml -quant fp32 -export_nir net.nir
 
-Every conv/linear layer of TSSL-BP ends in its LIF neuron, and what the layer passes on is the
-neuron's post-synaptic trace ``a += (o - a) / tau_s``, an analog first-order filter (NIR's
-``LI`` node) that none of spikingjelly, snnTorch and Norse imports; the membrane update
-``u + (I - u / tau_m)`` is also not the forward-Euler form their LIF/CubaLIF imports compute.
-So no NIR file could be checked spike for spike against the network (the check every export
-script makes before writing), and the export ends with one ``NIRExportError`` line naming the
-first spiking layer; nothing is written.  See docs/nir.md.
+Reads the checkpoint the matching evaluation reads (``main_quantize_cbp.py -mode eval`` for the
+config's mode or ``-quant``, with ``-method``; ``main_train_fp32.py -mode eval`` for
+``-quant fp32``; ``-checkpoint`` overrides both), exports the network (quantized layers with
+their exact quantized weights; see nir_tsslbp.py for the mapping), reads the exact bytes back
+with ``cbp.nir_torch`` and checks on the first test batch that every layer's spikes at every
+step and the output trace are identical.  Only then is the file written (atomically), by
+default ./trained_params/TSSL_BP_<DS>_<quant>.nir.  What NIR cannot express is one
+``NIRExportError`` line naming the layer; nothing is written.  See docs/nir.md.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cbp import MODES
+import nir_tsslbp
+import torch
+
+from cbp import MODES, methods, nir_torch
+from cbp import distributed as D
 from cbp import nir_export as ne
-from cbp.runtime import positive_float, run_main
+from cbp.runtime import UserError, positive_float, run_main, seed_everything
 
 import engine
 
@@ -27,8 +32,10 @@ import engine
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Export a TSSL-BP network to NIR")
     engine.add_common_args(p)
-    p.add_argument("-quant", type=str, default=None, choices=list(MODES),
-                   help="quantization mode, overrides Network.mode of the config")
+    p.add_argument("-quant", type=str, default=None, choices=["fp32", *MODES],
+                   help="fp32 (the pretrained network) or a quantization mode (default: the "
+                        "config's Network.mode, fp32 if it is null)")
+    methods.add_method_flag(p, "-")
     p.add_argument("-export_nir", "--export_nir", default=None, metavar="PATH",
                    help="output file (default ./trained_params/TSSL_BP_<DS>_<quant>.nir)")
     p.add_argument("-dt", "--dt", type=positive_float, default=ne.DEFAULT_DT,
@@ -36,29 +43,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_exportable(layers: dict, network: str) -> None:
-    """Raise :class:`cbp.nir_export.NIRExportError` naming the first spiking layer of the
-    ``Layers`` config (every one is a TSSL-BP neuron, see the module docstring)."""
-    for name, cfg in layers.items():
-        if cfg.get("type") in ("conv", "linear"):
-            raise ne.NIRExportError(
-                f"cannot export layer '{name}' ({cfg['type']} + TSSL-BP neuron): its output, "
-                "the trace a += (o - a) / tau_s, is a NIR LI node that no importer "
-                "(spikingjelly, snnTorch, Norse) reads, and its membrane u + (I - u / tau_m) "
-                "is not the update their LIF imports compute")
-    raise ne.NIRExportError(f"cannot export {network}: it has no spiking layers")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     dataset, tag = engine.config_names(args.config or "")
-    params = engine.load_config(args.config, args.quant)
-    quant = args.quant or tag or params["Network"].get("mode") or "fp32"
-    out = args.export_nir or f"./trained_params/TSSL_BP_{dataset}_{quant}.nir"
-    try:
-        check_exportable(dict(params["Layers"]), args.config)
+    fp32 = args.quant == "fp32"
+    params = engine.load_config(args.config, None if fp32 else args.quant)
+    mode = params["Network"].get("mode")
+    fp32 = fp32 or mode is None
+    args.quant = "fp32" if fp32 else (args.quant or tag or mode)
+    out = ne.output_path(args, f"./trained_params/TSSL_BP_{dataset}_{args.quant}.nir")
+    device = engine.setup_device(args)
+    seed_everything(args.seed)
+    with D.collective():
+        train_dl, test_dl = engine.loaders(params["Network"], args.workers, args.download)
+        net = engine.build(params, train_dl, device, quantize=not fp32)
+    try:  # what NIR cannot express is refused before any checkpoint is read
+        nir_tsslbp.tsslbp_graph(net, dt=args.dt)
     except ne.NIRExportError as exc:
         raise ne.NIRExportError(f"{exc}; {out} not written") from None
+    if fp32:
+        engine.load_pretrained(net, args, dataset)
+    elif not net.q_layers_list:
+        raise UserError(f"{args.config}: no layer has qtype q, nothing to quantize "
+                        "(-quant fp32 exports the fp32 network)")
+    else:
+        engine.load_prequantized(net, args, params, dataset)
+    net.eval()
+    images, _ = next(iter(test_dl))
+    images = images.to(device, torch.float32)
+
+    result = ne.write_checked(
+        lambda: nir_tsslbp.tsslbp_graph(net, dt=args.dt),
+        lambda data: nir_tsslbp.compare(net, nir_torch.load(data, device=device), images),
+        out)
+    steps = int(params["Network"]["n_steps"])
+    print(f"exported {out} ({args.quant}, T={steps}, dt={args.dt:g}): round trip exact on "
+          f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} layers "
+          f"({sum(result.spikes.values())} spikes), outputs equal")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from cnns import Network
 
 from cbp import CBP, MODES, cfs, methods
 from cbp import distributed as D
-from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.export import pack_state_dict
 from cbp.run import Run
 from cbp.runtime import UserError, run_main, seed_everything
@@ -53,41 +52,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fp32_hint(args) -> str:
-    return f"download it from {engine.DRIVE} or create it with: " \
-           f"python main_train_fp32.py -config {args.config}"
-
-
-def load_fp32_scales(net: Network, path: str, hint: str) -> None:
-    """Load the fp32 weights and set every scale to mean |W_fp32| (the reference's start-up)."""
-    engine.require_file(path, "pretrained fp32 checkpoint", hint)
-    state = extract_state_dict(load_file(path))
-    check_finite(state, path)
-    engine.load_weights(net, state, path)
-    net.set_scales(None)
+fp32_hint = engine.fp32_hint
+load_fp32_scales = engine.load_fp32_scales
 
 
 def evaluate(args, params, net: Network, test_dl, device, dataset: str, log) -> float:
-    mode = params["Network"]["mode"]
-    path = args.checkpoint or methods.tagged(
-        engine.prequantized_path(params["Network"]["dataset"], mode), args.method)
-    cmd = (f"python main_quantize_cbp.py -config {args.config} -mode train"
-           + methods.flag(args.method, "-"))
-    engine.require_file(path, "prequantized checkpoint",
-                        f"download it from {engine.DRIVE} or produce it with: {cmd}")
-    obj = load_file(path)
-    state = extract_state_dict(obj)
-    check_finite(state, path, "warn")
-    _, scales = engine.split_state(state)
-    if not scales and isinstance(obj, dict) and isinstance(obj.get("scales"), dict):
-        scales = dict(obj["scales"])  # a full training checkpoint (_last.pth, progress/*.pth)
-    if not scales:  # authors' files: scales come from the fp32 weights, as in the reference
-        load_fp32_scales(net, engine.pretrained_path(dataset),
-                         f"{path} stores no scales, so they are recomputed from the fp32 "
-                         f"weights; {fp32_hint(args)}")
-    engine.load_weights(net, state, path)
-    if scales:
-        net.set_scales(scales)
+    engine.load_prequantized(net, args, params, dataset)
     acc, _ = engine.test_with_metrics(net, test_dl, device, not args.no_progress,
                                       log=engine.echo(log))
     log.info("Test Accuracy: %.3f (%.3f).\n", acc, acc)

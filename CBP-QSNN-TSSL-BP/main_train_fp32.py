@@ -20,7 +20,6 @@ import argparse
 import torch
 
 from cbp import distributed as D
-from cbp.checkpoint import check_finite, extract_state_dict, load_file
 from cbp.run import Run
 from cbp.runtime import UserError, run_main, seed_everything
 from cbp.trainer import Epoch
@@ -85,12 +84,7 @@ def main(argv=None) -> None:
     pre_path = engine.pretrained_path(dataset)
 
     if args.mode == "eval":
-        path = args.checkpoint or pre_path
-        engine.require_file(path, "fp32 checkpoint",
-                            f"create it with: python main_train_fp32.py -config {args.config}")
-        state = extract_state_dict(load_file(path))
-        check_finite(state, path, "warn")
-        engine.load_weights(net, state, path)
+        engine.load_pretrained(net, args, dataset)
         acc, _ = engine.test_with_metrics(net, test_dl, device, show, log=engine.echo(log))
         log.info("Test Accuracy: %.3f", acc)
         print("Test Accuracy: ", acc)

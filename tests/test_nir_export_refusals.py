@@ -1,6 +1,6 @@
-"""Pipelines whose neurons NIR cannot express: the export scripts end with one
+"""What NIR cannot express: the export scripts end with one
 ``NIRExportError`` line naming the layer and write nothing (SNN-Calibration's IF layers reset
-by subtraction; TSSL-BP's neuron passes on an analog PSP trace)."""
+by subtraction; a TSSL-BP convolution after a linear layer)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from clitools import inproc
 from pipelines import load_pipeline
 
@@ -38,15 +39,23 @@ def test_calibration_soft_reset_is_named(tmp_path, monkeypatch):
         "error: --evaluate CKPT is required: the CBP checkpoint to export"], err
 
 
-def test_tssl_bp_neuron_is_named(tmp_path, monkeypatch):
-    folder = TSSL_DIR
-    code, out, err = inproc(folder / "export_nir.py",
-                            ["-config", str(folder / "Networks/DIGITS_bin.yaml")], tmp_path,
-                            monkeypatch)
+def test_tssl_bp_conv_after_linear_is_named(tmp_path, monkeypatch):
+    """A TSSL-BP config whose convolution follows a linear layer: NIR has no node to reshape
+    the linear output into a feature map.  Refused before any checkpoint is read."""
+    cfg = yaml.safe_load((TSSL_DIR / "Networks/DIGITS_bin.yaml").read_text())
+    cfg["Network"]["image_size"] = 8
+    cfg["Layers"] = {
+        "FC_1": {"type": "linear", "qtype": "q", "n_inputs": 192, "n_outputs": 4,
+                 "threshold": 1},
+        "conv_out": {"type": "conv", "qtype": "nq", "in_channels": 4, "out_channels": 10,
+                     "kernel_size": 1, "threshold": 1},
+    }
+    (tmp_path / "DIGITS_bin.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = inproc(TSSL_DIR / "export_nir.py", ["-config", "DIGITS_bin.yaml"],
+                            tmp_path, monkeypatch)
     assert code == 1 and out == "", out
     assert err.splitlines() == [
-        "error: cannot export layer 'conv_1' (conv + TSSL-BP neuron): its output, the trace "
-        "a += (o - a) / tau_s, is a NIR LI node that no importer (spikingjelly, snnTorch, "
-        "Norse) reads, and its membrane u + (I - u / tau_m) is not the update their LIF "
-        "imports compute; ./trained_params/TSSL_BP_DIGITS_bin.nir not written"], err
-    assert not list(tmp_path.iterdir())
+        "error: cannot export layer 'conv_out' (conv after a linear layer): NIR has no node "
+        "that turns the linear output back into a feature map; "
+        "./trained_params/TSSL_BP_DIGITS_bin.nir not written"], err
+    assert [p.name for p in tmp_path.iterdir()] == ["DIGITS_bin.yaml"]

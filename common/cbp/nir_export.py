@@ -16,7 +16,8 @@ trip.
   PLIF as LIF) are below.
 
 Each pipeline maps its own network onto these (``CBP-QSNN-STBP/nir_stbp.py``,
-``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``).
+``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``); TSSL-BP's LIF + LI graphs, which
+spikingjelly cannot import, run in :mod:`cbp.nir_torch` (``CBP-QSNN-TSSL-BP/nir_tsslbp.py``).
 """
 
 from __future__ import annotations
@@ -211,6 +212,18 @@ def read(source: str | os.PathLike | bytes | nir.NIRGraph) -> nir.NIRGraph:
     return source
 
 
+def graph_dt(graph: nir.NIRGraph, dt: float | None = None) -> float:
+    """The time step to run ``graph`` with: ``dt``, else the one in its metadata (else 1e-4).
+    A ``dt`` other than the stored one would silently rescale every time constant: an error."""
+    stored = graph.metadata.get("dt") if graph.metadata else None
+    stored = None if stored is None else float(stored)
+    if dt is None:
+        return stored if stored is not None else DEFAULT_DT
+    if stored is not None and not np.isclose(dt, stored, rtol=1e-9, atol=0.0):
+        raise ValueError(f"dt={dt} differs from the dt={stored} the graph was exported with")
+    return float(dt)
+
+
 def load(
     source: str | os.PathLike | bytes | nir.NIRGraph,
     dt: float | None = None,
@@ -232,12 +245,7 @@ def load(
     from spikingjelly.activation_based.nir_exchange import import_from_nir
 
     graph = read(source)
-    stored = graph.metadata.get("dt") if graph.metadata else None
-    stored = None if stored is None else float(stored)
-    if dt is None:
-        dt = stored if stored is not None else DEFAULT_DT
-    elif stored is not None and not np.isclose(dt, stored, rtol=1e-9, atol=0.0):
-        raise ValueError(f"dt={dt} differs from the dt={stored} the graph was exported with")
+    dt = graph_dt(graph, dt)
     graph_module = import_from_nir(graph, dt=dt, device=str(device), dtype=dtype,
                                    step_mode="s")
     if nir_rule and spec_firing(graph):
