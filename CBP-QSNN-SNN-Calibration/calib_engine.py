@@ -355,7 +355,6 @@ def follow_checkpoint(args, state, path: str) -> None:
             print(f"note: evaluating at T={args.T}; {path} was trained at T={int(T)}")
         else:
             args.T = int(T)
-    print(f"checkpoint: {args.quant} weights, evaluated at T={args.T}")
 
 
 def load_calibrated_snn_q(args, calib_ckpt: dict, device: torch.device) -> SpikeModel_q:

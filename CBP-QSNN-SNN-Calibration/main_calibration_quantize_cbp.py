@@ -297,6 +297,7 @@ def evaluate(args, device, show) -> None:
     from cbp.metrics import profiled
 
     snn_q = E.load_cbp_checkpoint(args, args.evaluate, device)
+    print(f"checkpoint: {args.quant} weights, evaluated at T={args.T}")
     _, test_loader = E.loaders(args, device)
     # spike metrics: the IF layers emit spikes of amplitude theta (see cbp.metrics)
     (test_loss, test_acc), _ = profiled(
