@@ -1,14 +1,18 @@
-"""Export a CBP-quantized spiking VGG to NIR (Neuromorphic Intermediate Representation) - or
-say, in one line naming the layer, why it cannot be.
+"""Export a CBP-quantized spiking VGG to NIR (Neuromorphic Intermediate Representation).
 
-Run from this folder, with the flags of the ``--evaluate CKPT`` command:
-    python export_nir.py --dataset CIFAR10 --arch VGG16 --T 32 --quant bin --evaluate ./logs/<run>_0_ckpt.pth
+Run from this folder, with the flags of the ``--evaluate CKPT`` command (the checkpoint's
+--quant and --T unless given):
+    python export_nir.py --dataset CIFAR10 --arch VGG16 --dpath ./data --evaluate ./logs/<run>_0_ckpt.pth
 
-The converted network's IF layers reset by subtraction: a spike takes theta off the potential
-and keeps the rest, u - theta, for the next step.  NIR's IF neuron resets to ``v_reset``
-(and so do spikingjelly's, snnTorch's and Norse's imports of it), so no file can reproduce
-the network and the export ends with one ``NIRExportError`` line naming the first spiking
-layer; nothing is written.  See docs/nir.md.
+Reads the checkpoint as the evaluation does, maps the network onto NIR nodes (see
+nir_calibration.py: each IF layer, which resets by subtraction, becomes an integrator
+``nir.I``, a ``nir.Threshold`` and a recurrent ``nir.Scale(-1)`` edge back into the
+integrator), reads the exact bytes back with ``cbp.nir_torch`` and checks on the first test
+batch that every IF layer's spikes at every step and the output (the logits summed over the
+steps) are identical.  Only then is the file written (atomically), by default the checkpoint's
+name with ``.nir``.  What NIR cannot express (e.g. the non-zero initial potentials of advanced
+calibration) is one ``NIRExportError`` line naming the layer; nothing is written.  See
+docs/nir.md.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import os
 
 import calib_engine as E
 import main_calibration_quantize_cbp as mq
-from torch import nn
+import nir_calibration
+import torch
 
 from cbp import nir_export as ne
+from cbp import nir_torch
 from cbp.runtime import UserError, positive_float, run_main, select_device
 
 
@@ -39,24 +45,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_exportable(snn: nn.Module) -> None:
-    """Raise :class:`cbp.nir_export.NIRExportError` naming the first spiking layer NIR cannot
-    express (every IF layer of this pipeline resets by subtraction)."""
-    for name, m in snn.spike_modules():
-        raise ne.NIRExportError(
-            f"cannot export layer '{name}' ({type(m).__name__}): reset by subtraction (a spike "
-            "keeps u - theta for the next step; NIR's IF resets to v_reset)")
-    raise ne.NIRExportError(f"cannot export {type(snn).__name__}: it has no spiking layers")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = args.export_nir or os.path.splitext(args.evaluate)[0] + ".nir"
-    snn_q = E.load_cbp_checkpoint(args, args.evaluate, select_device(args.device))
-    try:
-        check_exportable(snn_q)
+    device = select_device(args.device)
+    snn_q = E.load_cbp_checkpoint(args, args.evaluate, device)
+    try:  # what NIR cannot express is refused before any data is read
+        nir_calibration.calibration_graph(snn_q, dt=args.dt)
     except ne.NIRExportError as exc:
         raise ne.NIRExportError(f"{exc}; {out} not written") from None
+    E.seed_all(args.seed)
+    _, test_loader = E.loaders(args, device)
+    images, _ = next(iter(test_loader))
+    images = images.to(device, torch.float32)
+    shape = tuple(images.shape[1:])
+    result = ne.write_checked(
+        lambda: nir_calibration.calibration_graph(snn_q, shape, args.dt),
+        lambda data: nir_calibration.compare(snn_q, nir_torch.load(data, device=device), images),
+        out)
+    print(f"exported {out} ({args.quant}, T={args.T}, dt={args.dt:g}): round trip exact on "
+          f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} IF "
+          f"layers ({sum(result.spikes.values())} spikes), outputs equal")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What NIR cannot express: the export scripts end with one
-``NIRExportError`` line naming the layer and write nothing (SNN-Calibration's IF layers reset
-by subtraction; a TSSL-BP convolution after a linear layer)."""
+``NIRExportError`` line naming the layer and write nothing (SNN-Calibration's initial membrane
+potentials; a TSSL-BP convolution after a linear layer)."""
 
 from __future__ import annotations
 
@@ -20,19 +20,24 @@ TSSL_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-TSSL-BP"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_calibration_soft_reset_is_named(tmp_path, monkeypatch):
+def test_calibration_initial_potential_is_named(tmp_path, monkeypatch):
+    """Advanced calibration's initial membrane potentials: NIR states start at zero.  Refused
+    before any data is read."""
     (mq, engine) = load_pipeline(CALIB_DIR, "main_calibration_quantize_cbp", "calib_engine")
     flags = ["--dataset", "DIGITS", "--dpath", ".", "--device", "cpu", "--width", "0.125",
              "--usebn", "--T", "4", "--quant", "ter"]
     snn = engine.build_snn_q(mq.parse_args(flags))
-    torch.save(snn.state_dict(), tmp_path / "cbp_ckpt.pth")
+    pot = torch.zeros(1, 8, 32, 32)
+    pot[0, 3, 1, 2] = -0.5
+    torch.save({"net": snn.state_dict(), "mem_pot_init_dict": {"model.features.0": pot}},
+               tmp_path / "cbp_ckpt.pth")
     code, out, err = inproc(CALIB_DIR / "export_nir.py", [*flags, "--evaluate", "cbp_ckpt.pth"],
                             tmp_path, monkeypatch)
     assert code == 1 and out == "", out
     assert err.splitlines() == [
-        "error: cannot export layer 'model.features.0' (SpikeModule_nq): reset by subtraction "
-        "(a spike keeps u - theta for the next step; NIR's IF resets to v_reset); "
-        "cbp_ckpt.nir not written"], err
+        "error: cannot export layer 'model.features.0' (SpikeModule_nq): non-zero initial "
+        "membrane potential (advanced calibration's mem_pot_init): NIR states start at zero and "
+        "have no initial-value parameter; cbp_ckpt.nir not written"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cbp_ckpt.pth"]
     code, _, err = inproc(CALIB_DIR / "export_nir.py", flags, tmp_path, monkeypatch)
     assert code == 1 and err.splitlines() == [

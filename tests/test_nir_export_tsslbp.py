@@ -103,8 +103,8 @@ def test_lif_and_li_steps_by_hand():
     with pytest.raises(ValueError, match="dt=0.001 differs from the dt=0.0001"):
         nir_torch.load(one_neuron_graph(2.0, 2.0), dt=1e-3)
     graph = one_neuron_graph(2.0, 2.0)
-    graph.nodes["trace"] = nir.Threshold(threshold=np.array([0.5]))
-    with pytest.raises(ValueError, match="node 'trace': Threshold is not one of"):
+    graph.nodes["trace"] = nir.Delay(delay=np.array([1e-4]))
+    with pytest.raises(ValueError, match="node 'trace': Delay is not one of"):
         nir_torch.load(graph)
 
 

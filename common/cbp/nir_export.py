@@ -475,6 +475,39 @@ def if_neuron(name: str, node: nn.Module) -> nn.Module:
                          step_mode="s")
 
 
+SPIKE_SUFFIX = "_spike"  # soft-reset IF after layer <name>: <name>_v, <name>_spike, <name>_reset
+SOFT_RESET_FIRING = ("soft-reset IF: u_t = (u_{t-1} - theta z_{t-1}) + I_t, z_t = u_t > "
+                     "v_threshold (I, Threshold and a recurrent Scale(-theta) edge, one step "
+                     "late)")
+
+
+def soft_reset_if(name: str, shape, threshold: float, amplitude: float, dt: float
+                  ) -> tuple[dict[str, nir.NIRNode], list[tuple[str, str]]]:
+    """An IF neuron that resets by subtraction, ``u_t = (u_{t-1} - a z_{t-1}) + I_t``,
+    ``z_t = [u_t >= threshold]`` (spikes of amplitude 1, ``a = amplitude``), as NIR nodes.
+
+    ``<name>_v``: ``nir.I`` with ``r = 1 / dt`` (``v += I`` per step); ``<name>_spike``:
+    ``nir.Threshold`` at :func:`below` ``threshold`` (the NIR rule ``>``); ``<name>_reset``:
+    ``nir.Scale(-a)`` from the spikes back into ``<name>_v``, a recurrent edge that NIR
+    simulators deliver one step late.  The reset edge comes first in the returned edges, so the
+    caller's edge from the current into ``<name>_v`` follows it (:mod:`cbp.nir_torch` then
+    subtracts before it adds).  ``r`` is stored in float64, the threshold and scale (float32
+    values) in float32."""
+    import nir
+
+    if not (np.isfinite(threshold) and np.isfinite(amplitude)):
+        raise NIRExportError(f"cannot export layer '{name}': threshold {threshold} or spike "
+                             f"amplitude {amplitude} is not finite")
+    shape = tuple(int(s) for s in shape)
+    v, spike, reset = name + "_v", name + SPIKE_SUFFIX, name + "_reset"
+    nodes = {
+        v: nir.I(r=np.full(shape, 1.0 / dt, dtype=np.float64)),
+        spike: nir.Threshold(threshold=np.full(shape, below(threshold), dtype=np.float32)),
+        reset: nir.Scale(scale=np.full(shape, -float(amplitude), dtype=np.float32)),
+    }
+    return nodes, [(reset, v), (v, spike), (spike, reset)]
+
+
 def plif_neuron(name: str, plif: nn.Module) -> nn.Module:
     """A single-step copy of a spikingjelly ``ParametricLIFNode`` (exported as ``nir.LIF`` with
     ``tau = dt / sigmoid(w)``, ``r = 1``, hard reset)."""
