@@ -239,14 +239,17 @@ def test_zero_initial_potentials_and_a_scaling_batch_norm_export(converted):
     assert result.exact, result.problem()
 
 
-def test_snntorch_and_norse_cannot_run_it(exported):
-    """snnTorch 1.0 and Norse 1.1 map neither ``nir.I`` nor ``nir.Threshold`` nor
-    ``nir.Scale``: snnTorch stops at the first such node it maps (the output integrator), Norse
-    leaves them out and then misses the first one when it wires the edges."""
+def test_snntorch_norse_and_spikingjelly_cannot_run_it(exported):
+    """snnTorch 1.0, Norse 1.1 and spikingjelly map neither ``nir.I`` nor ``nir.Threshold`` nor
+    ``nir.Scale``: snnTorch and spikingjelly stop at the first such node they map (the output
+    integrator), Norse leaves them out and then misses the first one when it wires the edges."""
     data, _ = exported
-    with pytest.raises(ValueError, match=r"^Unknown node type <class 'nir\.ir\.neuron\.I'>, "
-                                         "mapping does not exist in node_map$"):
+    unknown = (r"^Unknown node type <class 'nir\.ir\.neuron\.I'>, mapping does not exist in "
+               "node_map$")
+    with pytest.raises(ValueError, match=unknown):
         import_graph("snntorch", data)
+    with pytest.raises(ValueError, match=unknown):
+        ne.load(data)
     with pytest.raises(KeyError) as info:
         import_graph("norse", data)
     assert info.value.args == ("model_features_0_current",)
