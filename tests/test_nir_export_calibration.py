@@ -150,6 +150,22 @@ def test_round_trip_is_exact(converted, exported):
     assert torch.equal(ref.outputs[-1], snn(images))
 
 
+def test_round_trip_is_exact_where_the_shift_is_rounded(converted):
+    """T = 5: the shift theta / (2T) = 0.1 is not a float32; torch rounds it to float32 before it
+    adds it, and so does the graph's constant node."""
+    snn, images = converted
+    net = copy.deepcopy(snn)
+    net.T = 5
+    for _, m in net.spike_modules():
+        m.sim_length = 5
+    graph = nir_calibration.calibration_graph(net)
+    shift = graph.nodes["model_features_0_shift"].bias
+    assert shift.dtype == np.float32 and shift[0] == np.float32(0.1) and float(shift[0]) != 0.1
+    result = nir_calibration.compare(net, nir_torch.load(ne.to_bytes(graph)), images)
+    assert result.exact, result.problem()
+    assert graph.metadata["timesteps"] == 5
+
+
 def test_check_fails_without_the_reset(converted, exported, tmp_path):
     """The recurrent edges dropped: the first layer's neurons integrate the same current
     ``I`` every step without reset, so they fire where ``(I + I) + ...`` reaches 1 - exactly

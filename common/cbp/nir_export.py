@@ -13,11 +13,13 @@ trip.
 * :func:`write_checked` writes a file only after its exact bytes, read back, reproduce the
   network (e.g. :func:`record` compared with the network's own spikes).
 * Building blocks for layers NIR has no node for (:func:`bn_as_conv`, integer max pooling,
-  PLIF as LIF) are below.
+  PLIF as LIF, the soft-reset IF of :func:`soft_reset_if`) are below.
 
 Each pipeline maps its own network onto these (``CBP-QSNN-STBP/nir_stbp.py``,
-``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``); TSSL-BP's LIF + LI graphs, which
-spikingjelly cannot import, run in :mod:`cbp.nir_torch` (``CBP-QSNN-TSSL-BP/nir_tsslbp.py``).
+``CBP-QSNN-SEW-ResNet/sewcommon/nir_export.py``); TSSL-BP's LIF + LI graphs and
+SNN-Calibration's soft-reset IF graphs (integrator, threshold, recurrent reset), which
+spikingjelly cannot import, run in :mod:`cbp.nir_torch` (``CBP-QSNN-TSSL-BP/nir_tsslbp.py``,
+``CBP-QSNN-SNN-Calibration/nir_calibration.py``).
 """
 
 from __future__ import annotations
