@@ -158,6 +158,7 @@ def _bn_scale(name: str, bn: nn.Module, shape) -> np.ndarray | None:
     return np.broadcast_to(one.float().cpu().numpy()[:, None, None], tuple(shape)).copy()
 
 
+@torch.no_grad()
 def calibration_graph(snn: nn.Module, image_shape=IMAGE_SHAPE, dt: float = ne.DEFAULT_DT
                       ) -> nir.NIRGraph:
     """The eval-mode ``snn`` (``SpikeModel_q``) as a ``nir.NIRGraph`` whose input is one step's
