@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import call_main, error_line, ok, run, run_here
+from clitools import call_main, error_line, inproc, ok, run, run_here
 
 CAL_DIR = Path(__file__).resolve().parents[1] / "CBP-QSNN-SNN-Calibration"
 if str(CAL_DIR) not in sys.path:
@@ -177,6 +177,22 @@ def test_evaluate_only(run_dir, tmp_path, monkeypatch):
     code, _, err = call_main(CBPMAIN.main, CBP_ARGS + ["--evaluate", "missing.pth"])
     assert code == 1
     error_line(err, "missing.pth")
+
+
+@pytest.mark.slow
+def test_nir_export_of_the_cbp_checkpoint(run_dir, tmp_path, monkeypatch):
+    """export_nir.py on the trained ternary checkpoint (T and --quant from it, light
+    calibration's pooling biases): written after a spike-for-spike round trip."""
+    nir = pytest.importorskip("nir")
+    out_file = tmp_path / "cbp.nir"
+    code, out, err = inproc(CAL_DIR / "export_nir.py", SMALL + [
+        "--evaluate", f"{STEM}_ckpt.pth", "--export_nir", str(out_file)], run_dir, monkeypatch)
+    assert code == 0, err
+    assert out.startswith(f"exported {out_file} (ter, T=2, dt=0.0001): round trip exact on 64 "
+                          "test images, spikes identical in all 18 IF layers ("), out
+    graph = nir.read(str(out_file))
+    assert sum(name.endswith("_bias") for name in graph.nodes) == 5
+    assert graph.metadata["timesteps"] == 2
 
 
 def test_advanced_calibration_runs(run_dir, tmp_path, monkeypatch):
