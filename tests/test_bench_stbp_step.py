@@ -14,13 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipelines import pipeline_path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "CBP-QSNN-STBP"))
 
-import baseline  # noqa: E402
-import bench_stbp_step as bench  # noqa: E402
+
+@pytest.fixture
+def bench():
+    """benchmarks/bench_stbp_step.py with the STBP folder's modules (its ``engine``,
+    ``q_model``, ``functions``) importable, other pipelines' same-named modules set aside."""
+    path = list(sys.path)
+    with pipeline_path(ROOT / "CBP-QSNN-STBP"), pipeline_path(ROOT / "benchmarks"):
+        import bench_stbp_step
+
+        yield bench_stbp_step
+        sys.modules.pop("bench_stbp_step", None)
+    sys.path[:] = path  # the script puts its folders first on import
+
 
 FAKE = {
     "functions.py": "MARK = 'theirs'\n",
@@ -82,7 +92,7 @@ def checkout(tmp_path):
     return tmp_path
 
 
-def test_reference_step_is_their_code_from_our_start_and_leaves_our_modules(checkout):
+def test_reference_step_is_their_code_from_our_start_and_leaves_our_modules(bench, checkout):
     import functions
     import q_model
 
@@ -110,7 +120,7 @@ def test_reference_step_is_their_code_from_our_start_and_leaves_our_modules(chec
         torch.testing.assert_close(theirs[k], base[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_reference_dir_refusals(checkout, tmp_path, capsys):
+def test_reference_dir_refusals(bench, checkout, tmp_path):
     _, _, ours, ctl = bench.build(0.0625, 1, "bin", torch.device("cpu"))
     with pytest.raises(SystemExit, match=r"lacks functions\.py, q_module\.py, q_model\.py"):
         bench.reference_step(str(tmp_path / "nowhere"), ours, ctl.lambdas, ctl.ucs, 1, 1, "bin",
@@ -119,4 +129,3 @@ def test_reference_dir_refusals(checkout, tmp_path, capsys):
     with pytest.raises(SystemExit, match="paper-width network only: use --width 1"):
         bench.reference_step(str(checkout), wide, wctl.lambdas, wctl.ucs, 1, 1, "bin",
                              torch.device("cpu"))
-    assert baseline  # the stand-in imports it from the benchmarks folder
