@@ -16,8 +16,8 @@ Repetitions alternate between the two, and the medians are compared.
 ``--reference-dir`` also times the authors' own training step, imported from a checkout of
 their STBP folder (``q_model.py``, ``q_module.py``, ``functions.py``; paper width only), on the
 same weights, multipliers and batch, so that the reference-style baseline can be checked
-against it.  Their modules call ``.cuda()`` unconditionally; on a CPU run that call returns the
-tensor itself while their code runs.
+against it.  Their modules move every tensor to CUDA unconditionally; on a CPU run that move
+returns the tensor itself while their code runs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -99,16 +100,16 @@ def _foreign_modules(folder: str):
         sys.modules.update(saved)
 
 
-@contextlib.contextmanager
+def _itself(tensor, *args, **kwargs):
+    return tensor
+
+
 def _cuda_as_noop(active: bool):
-    """While active, ``Tensor.cuda()`` returns the tensor itself (their code on a CPU)."""
-    saved = torch.Tensor.cuda
-    if active:
-        torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = saved
+    """While active, moving a tensor to CUDA returns the tensor itself: the reference's modules
+    do that unconditionally, so on a CPU their code runs only with this in place."""
+    if not active:
+        return contextlib.nullcontext()
+    return mock.patch.object(torch.Tensor, "cuda", _itself)
 
 
 def reference_step(folder: str, ours, lambdas: list, ucs: float, batch: int, T: int, mode: str,
@@ -121,7 +122,7 @@ def reference_step(folder: str, ours, lambdas: list, ucs: float, batch: int, T: 
     if missing:
         raise SystemExit(f"error: --reference-dir {folder} lacks {', '.join(missing)}: give the "
                          "reference's CBP-QSNN-STBP folder")
-    on_cpu = device.type == "cpu"  # their modules call .cuda() unconditionally
+    on_cpu = device.type == "cpu"
     with _foreign_modules(os.path.abspath(folder)), _cuda_as_noop(on_cpu):
         rq = importlib.import_module("q_model")
         rm = importlib.import_module("q_module")
