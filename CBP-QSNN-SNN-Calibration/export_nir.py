@@ -63,9 +63,7 @@ def main(argv=None) -> None:
         lambda: nir_calibration.calibration_graph(snn_q, shape, args.dt),
         lambda data: nir_calibration.compare(snn_q, nir_torch.load(data, device=device), images),
         out)
-    print(f"exported {out} ({args.quant}, T={args.T}, dt={args.dt:g}): round trip exact on "
-          f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} IF "
-          f"layers ({sum(result.spikes.values())} spikes), outputs equal")
+    print(result.report(out, args.quant, args.T, args.dt, images.shape[0], "IF"))
 
 
 if __name__ == "__main__":

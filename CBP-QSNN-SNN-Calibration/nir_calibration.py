@@ -291,8 +291,4 @@ def compare(snn: nn.Module, interpreter: nn.Module, images: Tensor) -> ne.RoundT
     every spiking layer's spikes at every step and the summed output at every step."""
     ref = calibration_recording(snn, images)
     got = interpreter.record(network_input(snn, images))
-    nodes = {n: ne.node_name(n) + ne.SPIKE_SUFFIX for n in ref.spikes}
-    mismatches, spikes = ne.spike_mismatches(ref.spikes, got.spikes, nodes)
-    same = got.outputs.shape == ref.outputs.shape
-    diff = float((got.outputs - ref.outputs).abs().max()) if same else np.inf
-    return ne.RoundTrip(mismatches, spikes, same and torch.equal(got.outputs, ref.outputs), diff)
+    return ne.RoundTrip.of(ref, got, {n: ne.node_name(n) + ne.SPIKE_SUFFIX for n in ref.spikes})

@@ -75,9 +75,7 @@ def main(argv=None) -> None:
         lambda: nir_stbp.export_stbp(model, images, dt=args.dt),
         lambda data: nir_stbp.compare(model, nir_export.load(data, device=device), images),
         out)
-    print(f"exported {out} ({args.quant}, T={args.T}, dt={args.dt:g}): round trip exact on "
-          f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} layers "
-          f"({sum(result.spikes.values())} spikes), outputs equal")
+    print(result.report(out, args.quant, args.T, args.dt, images.shape[0]))
 
 
 if __name__ == "__main__":

@@ -76,10 +76,8 @@ def main(argv=None) -> None:
         lambda: nir_tsslbp.tsslbp_graph(net, dt=args.dt),
         lambda data: nir_tsslbp.compare(net, nir_torch.load(data, device=device), images),
         out)
-    steps = int(params["Network"]["n_steps"])
-    print(f"exported {out} ({args.quant}, T={steps}, dt={args.dt:g}): round trip exact on "
-          f"{images.shape[0]} test images, spikes identical in all {len(result.spikes)} layers "
-          f"({sum(result.spikes.values())} spikes), outputs equal")
+    print(result.report(out, args.quant, int(params["Network"]["n_steps"]), args.dt,
+                        images.shape[0]))
 
 
 if __name__ == "__main__":

@@ -206,8 +206,4 @@ def compare(net: nn.Module, interpreter: nn.Module, images: Tensor) -> ne.RoundT
     every layer's spikes at every step and the output trace."""
     ref = tsslbp_recording(net, images)
     got = interpreter.record(network_input(net, images))
-    mismatches, spikes = ne.spike_mismatches(ref.spikes, got.spikes,
-                                             {n: n + ne.NEURON_SUFFIX for n in ref.spikes})
-    same = got.outputs.shape == ref.outputs.shape
-    diff = float((got.outputs - ref.outputs).abs().max()) if same else np.inf
-    return ne.RoundTrip(mismatches, spikes, same and torch.equal(got.outputs, ref.outputs), diff)
+    return ne.RoundTrip.of(ref, got, {n: n + ne.NEURON_SUFFIX for n in ref.spikes})

@@ -322,10 +322,10 @@ def spike_mismatches(reference: dict[str, Tensor], graph: dict[str, Tensor],
 
 @dataclass
 class RoundTrip:
-    """How an imported graph compares with the STBP network on one batch."""
+    """How an imported graph compares with the network it was exported from, on one batch."""
 
     mismatches: dict[str, int]  # differing spikes per layer (over all steps)
-    spikes: dict[str, int]  # spikes of the STBP network per layer (over all steps)
+    spikes: dict[str, int]  # spikes of the network per layer (over all steps)
     outputs_equal: bool
     max_output_diff: float
 
@@ -337,6 +337,23 @@ class RoundTrip:
         bad = {k: v for k, v in self.mismatches.items() if v}
         return (f"mismatching spikes per layer: {bad}, output max |diff| "
                 f"{self.max_output_diff:.3g}")
+
+    @classmethod
+    def of(cls, ref: Recording, got: Recording, nodes: dict[str, str]) -> RoundTrip:
+        """Compare the network's recording ``ref`` with the graph's ``got``: the spikes of every
+        layer against its node (``nodes``: layer -> node name) and the outputs, exactly."""
+        mismatches, spikes = spike_mismatches(ref.spikes, got.spikes, nodes)
+        same = got.outputs.shape == ref.outputs.shape
+        diff = float((got.outputs - ref.outputs).abs().max()) if same else np.inf
+        return cls(mismatches, spikes, same and torch.equal(got.outputs, ref.outputs), diff)
+
+    def report(self, path: str, label: str, steps: int, dt: float, samples: int,
+               kind: str = "") -> str:
+        """The export scripts' one line once ``path`` is written."""
+        layers = f"{kind} layers" if kind else "layers"
+        return (f"exported {path} ({label}, T={steps}, dt={dt:g}): round trip exact on {samples} "
+                f"test images, spikes identical in all {len(self.spikes)} {layers} "
+                f"({sum(self.spikes.values())} spikes), outputs equal")
 
 
 # ----------------------------------------------------------------------------- generic pieces
